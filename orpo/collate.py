@@ -1,0 +1,212 @@
+"""From preference pairs to stacked, padded token batches: chat template, truncation, collation, length grouping.
+
+A pair `{"chosen": [...messages], "rejected": [...messages]}` (optionally with `prompt`) becomes prompt
+tokens shared by both sides and the two response token lists (`tokenize_pair`). `PreferenceCollator`
+stacks B pairs as 2B rows [chosen_1..chosen_B; rejected_1..rejected_B], so chosen and rejected go through
+the model in one forward pass. `length_grouped_indices` orders pairs so that a batch holds pairs of
+similar length, which cuts the padding `padding_stats` measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_warned_not_prefix: set[int] = set()
+
+
+def _as_messages(value: Any, role: str, field: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(
+        f"field {field!r} must be a string or a list of {{'role', 'content'}} messages, got {type(value).__name__}"
+    )
+
+
+def split_conversation(example: dict[str, Any]) -> tuple[list[dict], dict, dict]:
+    """(prompt messages, chosen assistant message, rejected assistant message) of a preference example.
+
+    Accepts full conversations (`chosen` = [user, ..., assistant], the UltraFeedback-binarized layout) and
+    TRL's layout (`prompt` = messages or a string, `chosen`/`rejected` = the assistant message(s) or strings).
+    """
+    for field in ("chosen", "rejected"):
+        if field not in example:
+            raise ValueError(f"preference example has no {field!r} field (keys: {sorted(example)})")
+    chosen = _as_messages(example["chosen"], "assistant", "chosen")
+    rejected = _as_messages(example["rejected"], "assistant", "rejected")
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError(f"field {field!r} must end with an assistant message")
+    if len(chosen) > 1:
+        prompt = chosen[:-1]
+        if len(rejected) > 1 and rejected[:-1] != prompt:
+            raise ValueError("'chosen' and 'rejected' conversations differ before their last assistant message")
+    elif len(rejected) > 1:
+        prompt = rejected[:-1]
+    elif "prompt" in example and example["prompt"] is not None:
+        prompt = _as_messages(example["prompt"], "user", "prompt")
+    else:
+        raise ValueError("preference example has no prompt: give 'prompt' or full conversations in 'chosen'")
+    return prompt, chosen[-1], rejected[-1]
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    from orpo.models import CHATML_TEMPLATE
+
+    template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
+    )
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # The template already wrote any BOS/EOS it wants; the tokenizer must not add more.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _response_text(tokenizer, prompt_text: str, prompt: list[dict], answer: dict) -> str:
+    full_text = _render(tokenizer, [*prompt, answer], add_generation_prompt=False)
+    if full_text.startswith(prompt_text):
+        return full_text[len(prompt_text) :]
+    # Some templates render the last assistant turn differently from the generation prompt (e.g. they
+    # strip reasoning). Then the response is the message text plus EOS, tokenized after the prompt.
+    if id(tokenizer) not in _warned_not_prefix:
+        _warned_not_prefix.add(id(tokenizer))
+        log.warning(
+            "the chat template's generation prompt is not a prefix of the full conversation; "
+            "using the assistant message + EOS as the response"
+        )
+    return answer["content"] + (tokenizer.eos_token or "")
+
+
+def tokenize_pair(example: dict[str, Any], tokenizer, max_length: int, max_prompt_length: int) -> dict[str, Any]:
+    """Tokenize one preference pair with the tokenizer's chat template (ChatML when it has none).
+
+    The prompt is the conversation before the last assistant message, rendered with the generation prompt
+    (exactly what the model sees before answering at inference). Each response is the rest of its full
+    rendered conversation, so it includes the template's end-of-turn tokens. Prompt and responses are
+    tokenized separately, the prompt as it would be at inference.
+
+    Truncation: the prompt keeps its last `max_prompt_length` tokens (the question usually ends it), each
+    response keeps its first `max_length - prompt_length` tokens.
+
+    Returns prompt_input_ids, chosen_input_ids, rejected_input_ids (responses only), their lengths, and
+    `length` = prompt_length + max(chosen_length, rejected_length), the padded row length of the pair.
+    """
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
+    prompt, chosen, rejected = split_conversation(example)
+    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    prompt_ids = _encode(tokenizer, prompt_text)[-max_prompt_length:]
+    budget = max_length - len(prompt_ids)
+    chosen_ids = _encode(tokenizer, _response_text(tokenizer, prompt_text, prompt, chosen))[:budget]
+    rejected_ids = _encode(tokenizer, _response_text(tokenizer, prompt_text, prompt, rejected))[:budget]
+    return {
+        "prompt_input_ids": prompt_ids,
+        "chosen_input_ids": chosen_ids,
+        "rejected_input_ids": rejected_ids,
+        "prompt_length": len(prompt_ids),
+        "chosen_length": len(chosen_ids),
+        "rejected_length": len(rejected_ids),
+        "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
+    }
+
+
+class PreferenceCollator:
+    """Stack B tokenized pairs as 2B right-padded rows: [chosen_1..chosen_B; rejected_1..rejected_B].
+
+    Row i is prompt_i + chosen_i, row B + i is prompt_i + rejected_i; T is the longest row rounded up to a
+    multiple of `pad_to_multiple_of`. Masks are long tensors; `completion_mask` marks response tokens,
+    `prompt_mask` prompt tokens, `attention_mask` both. `num_pairs` is the int B.
+
+    Example (pad_token_id=0, pad_to_multiple_of=4):
+
+        features = [{"prompt_input_ids": [1, 2], "chosen_input_ids": [3, 4], "rejected_input_ids": [5]},
+                    {"prompt_input_ids": [6], "chosen_input_ids": [7], "rejected_input_ids": [8, 9, 10]}]
+        input_ids       = [[1, 2, 3, 4], [6, 7, 0, 0], [1, 2, 5, 0], [6, 8, 9, 10]]
+        attention_mask  = [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+        completion_mask = [[0, 0, 1, 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 1, 1, 1]]
+        prompt_mask     = [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+        num_pairs       = 2
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8) -> None:
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the EOS token)")
+        if pad_to_multiple_of <= 0:
+            raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        rows: list[tuple[list[int], list[int]]] = []  # (prompt ids, response ids)
+        for side in ("chosen_input_ids", "rejected_input_ids"):
+            rows.extend((list(f["prompt_input_ids"]), list(f[side])) for f in features)
+        longest = max(len(p) + len(r) for p, r in rows)
+        multiple = self.pad_to_multiple_of
+        length = -(-longest // multiple) * multiple
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        completion_mask = torch.zeros_like(attention_mask)
+        prompt_mask = torch.zeros_like(attention_mask)
+        for i, (prompt, response) in enumerate(rows):
+            p, n = len(prompt), len(prompt) + len(response)
+            input_ids[i, :n] = torch.tensor(prompt + response, dtype=torch.long)
+            attention_mask[i, :n] = 1
+            prompt_mask[i, :p] = 1
+            completion_mask[i, p:n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "completion_mask": completion_mask,
+            "prompt_mask": prompt_mask,
+            "num_pairs": len(features),
+        }
+
+
+def length_grouped_indices(lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int = 50) -> list[int]:
+    """A permutation of range(len(lengths)) whose consecutive `batch_size` slices hold similar lengths.
+
+    Like transformers' LengthGroupedSampler: shuffle (seeded), cut into mega-batches of
+    `mega_batch_mult * batch_size`, sort each by length (longest first), cut into batches. Then the batches
+    of each mega-batch are shuffled too, so training does not see lengths in descending order, and the
+    batch holding the longest pair goes first, so an out-of-memory shows at step one. Same seed, same order.
+    """
+    if batch_size <= 0 or mega_batch_mult <= 0:
+        raise ValueError("batch_size and mega_batch_mult must be positive")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * mega_batch_mult
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        group_batches = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        rng.shuffle(group_batches)
+        batches.extend(group_batches)
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return [i for batch in batches for i in batch]
+
+
+def padding_stats(batch: dict[str, Any]) -> dict[str, float]:
+    """Real tokens, padding tokens and their share in a collated batch (`padding_fraction` metric)."""
+    mask = batch["attention_mask"]
+    total = mask.numel()
+    real = int(mask.sum())
+    return {
+        "real_tokens": float(real),
+        "padding_tokens": float(total - real),
+        "total_tokens": float(total),
+        "padding_fraction": (total - real) / total if total else 0.0,
+    }
