@@ -1,0 +1,25 @@
+"""Prefect tasks: register the trained model in MLflow, and attach evaluation results to its version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from orpo import registry
+from orpo.config import PipelineConfig
+from orpo.registry import RegisteredVersion
+from tasks.common import retry_on_transient
+
+
+@task(name="register-model", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)
+def register_model(config: PipelineConfig, train_dir: Path, data_manifest: Path | None) -> RegisteredVersion:
+    """Log the training run and register its export as a new version (alias `challenger`). Idempotent."""
+    return registry.register_training_run(config, train_dir, data_manifest=data_manifest)
+
+
+@task(name="log-evaluation", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)
+def log_evaluation(config: PipelineConfig, version: RegisteredVersion, metrics: dict[str, float],
+                   report_dir: Path | None) -> None:
+    """Attach evaluation metrics and the report to the version's MLflow run and tags."""
+    registry.log_evaluation(config, version, metrics, report_dir)
