@@ -64,7 +64,7 @@ class ORPOOutput:
     """
 
     loss: torch.Tensor  # NLL - lambda * mean log sigmoid(log odds ratio)
-    nll_loss: torch.Tensor  # nll_sum / nll_tokens (or / the normaliser passed to forward)
+    nll_loss: torch.Tensor  # nll_sum / nll_tokens of this micro-batch (the normalisers do not change it)
     log_odds_ratio: torch.Tensor  # mean over pairs of log sigmoid(log odds(chosen) - log odds(rejected))
     log_odds_chosen: torch.Tensor  # mean over pairs of log odds(chosen) - log odds(rejected)
     chosen_rewards: torch.Tensor  # (B,) lambda * logp(chosen)
