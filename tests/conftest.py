@@ -57,3 +57,42 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API (sqlite) for the whole session: entering it costs ~15 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_pipeline_overrides(workdir: Path, *extra: str) -> list[str]:
+    """Overrides that make the whole pipeline run in well under a minute: tiny model, few steps, small evals."""
+    samples = REPO_ROOT / "data" / "samples"
+    return [
+        f"workdir={workdir}",
+        f"data.source={samples / 'ultrafeedback_sample.jsonl'}",
+        "data.test_size=0.1",
+        "data.decontamination_files=[]",
+        "model.name_or_path=builtin:tiny-llama",
+        "train.max_steps=3",
+        "train.per_device_batch_size=2",
+        "train.max_length=128",
+        "train.max_prompt_length=64",
+        "train.learning_rate=1e-3",
+        "train.lr_scheduler=constant",
+        "train.lora.r=4",
+        "registry.registered_model_name=tiny-orpo",
+        "eval.suites=[preference,alpaca,mtbench]",
+        f"eval.alpaca_source={samples / 'eval' / 'alpaca_eval_sample.json'}",
+        f"eval.mt_bench_questions={samples / 'eval' / 'mt_bench_questions.jsonl'}",
+        "eval.alpaca_limit=2",
+        "eval.mt_bench_limit=1",
+        "eval.preference_limit=8",
+        "eval.max_new_tokens=8",
+        "eval.judge.model=builtin:tiny-llama",
+        "eval.judge.max_new_tokens=8",
+        *extra,
+    ]
