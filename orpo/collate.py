@@ -76,7 +76,7 @@ def _response_text(tokenizer, prompt_text: str, prompt: list[dict], answer: dict
     if full_text.startswith(prompt_text):
         return full_text[len(prompt_text) :]
     # Some templates render the last assistant turn differently from the generation prompt (e.g. they
-    # strip reasoning). Then the response is the message text plus EOS, tokenized after the prompt.
+    # strip reasoning). Then the response is the message text plus EOS, written after the prompt.
     if id(tokenizer) not in _warned_not_prefix:
         _warned_not_prefix.add(id(tokenizer))
         log.warning(
@@ -86,13 +86,32 @@ def _response_text(tokenizer, prompt_text: str, prompt: list[dict], answer: dict
     return answer["content"] + (tokenizer.eos_token or "")
 
 
+def shared_prompt_length(prompt_ids: list[int], *full_ids: list[int]) -> int:
+    """How many leading tokens of `prompt_ids` every tokenized full conversation starts with.
+
+    Usually all of them. Less when the tokenizer merges the prompt's last characters with the response's
+    first ones (a BPE merge across the boundary); those tokens then belong to the responses.
+    """
+    length = len(prompt_ids)
+    for ids in full_ids:
+        same = 0
+        for a, b in zip(prompt_ids[:length], ids):
+            if a != b:
+                break
+            same += 1
+        length = min(length, same)
+    return length
+
+
 def tokenize_pair(example: dict[str, Any], tokenizer, max_length: int, max_prompt_length: int) -> dict[str, Any]:
     """Tokenize one preference pair with the tokenizer's chat template (ChatML when it has none).
 
     The prompt is the conversation before the last assistant message, rendered with the generation prompt
-    (exactly what the model sees before answering at inference). Each response is the rest of its full
-    rendered conversation, so it includes the template's end-of-turn tokens. Prompt and responses are
-    tokenized separately, the prompt as it would be at inference.
+    (what the model sees before answering at inference). Each response is the rest of its full rendered
+    conversation, so it includes the template's end-of-turn tokens. Each full conversation is tokenized in
+    one piece and split after the prompt's tokens, so response tokens are those the model would produce
+    after the prompt (tokenizing a response alone can differ, e.g. SentencePiece's leading space). Where a
+    tokenizer merges across the boundary, the merged token goes to the responses (`shared_prompt_length`).
 
     Truncation: the prompt keeps its last `max_prompt_length` tokens (the question usually ends it), each
     response keeps its first `max_length - prompt_length` tokens.
@@ -104,10 +123,14 @@ def tokenize_pair(example: dict[str, Any], tokenizer, max_length: int, max_promp
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
     prompt, chosen, rejected = split_conversation(example)
     prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
-    prompt_ids = _encode(tokenizer, prompt_text)[-max_prompt_length:]
+    prompt_ids = _encode(tokenizer, prompt_text)
+    chosen_full = _encode(tokenizer, prompt_text + _response_text(tokenizer, prompt_text, prompt, chosen))
+    rejected_full = _encode(tokenizer, prompt_text + _response_text(tokenizer, prompt_text, prompt, rejected))
+    split = shared_prompt_length(prompt_ids, chosen_full, rejected_full)
+    prompt_ids = prompt_ids[:split][-max_prompt_length:]
     budget = max_length - len(prompt_ids)
-    chosen_ids = _encode(tokenizer, _response_text(tokenizer, prompt_text, prompt, chosen))[:budget]
-    rejected_ids = _encode(tokenizer, _response_text(tokenizer, prompt_text, prompt, rejected))[:budget]
+    chosen_ids = chosen_full[split:][:budget]
+    rejected_ids = rejected_full[split:][:budget]
     return {
         "prompt_input_ids": prompt_ids,
         "chosen_input_ids": chosen_ids,

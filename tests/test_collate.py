@@ -11,6 +11,7 @@ from orpo.collate import (
     PreferenceCollator,
     length_grouped_indices,
     padding_stats,
+    shared_prompt_length,
     split_conversation,
     tokenize_pair,
 )
@@ -113,6 +114,31 @@ def test_tokenize_pair_handles_templates_whose_generation_prompt_is_not_a_prefix
     out = tokenize_pair(PAIR, odd, 256, 128)
     assert odd.decode(out["prompt_input_ids"]).endswith("<|im_start|>assistant\n<think>\n")
     assert odd.decode(out["chosen_input_ids"]) == "The capital of France is Paris.<|im_end|>"
+
+
+def test_shared_prompt_length_moves_boundary_merges_into_the_response() -> None:
+    assert shared_prompt_length([1, 2, 3], [1, 2, 3, 4], [1, 2, 3]) == 3
+    assert shared_prompt_length([1, 2, 3], [1, 2, 3, 4], [1, 2, 9, 5]) == 2  # "3" merged into "9" on one side
+    assert shared_prompt_length([1, 2, 3], [7, 2, 3]) == 0
+
+
+def test_tokenize_pair_splits_where_the_joint_tokenization_does(tokenizer) -> None:
+    """A template whose generation prompt ends mid-word: "Sure" + "ly" tokenize jointly as one piece,
+    so the boundary token moves to the responses and prompt + response is the joint tokenization."""
+    odd = build_tiny_tokenizer()
+    odd.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'A: Sure' + m['content'] + '<|im_end|>' }}"
+        "{% else %}{{ 'Q: ' + m['content'] + ' ' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'A: Sure' }}{% endif %}"
+    )
+    pair = {"prompt": "Hi", "chosen": "ly, the capital", "rejected": "ly not"}
+    out = tokenize_pair(pair, odd, 256, 128)
+    for side, text in (("chosen_input_ids", "ly, the capital"), ("rejected_input_ids", "ly not")):
+        joint = odd("Q: Hi A: Sure" + text + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        assert out["prompt_input_ids"] + out[side] == joint
+    alone = odd("Q: Hi A: Sure", add_special_tokens=False)["input_ids"]
+    assert out["prompt_input_ids"] == alone[: len(out["prompt_input_ids"])]
+    assert len(out["prompt_input_ids"]) < len(alone)  # the merge happened: "ure" alone, "ur" + "el" jointly
 
 
 def test_split_conversation_errors_name_the_field() -> None:

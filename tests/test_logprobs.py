@@ -224,3 +224,46 @@ def test_model_path_never_builds_full_logits(tiny_model) -> None:
     finally:
         handle.remove()
     assert shapes == [(batch["input_ids"].shape[0], 1, model.config.vocab_size)]
+
+
+def test_model_path_falls_back_to_full_logits_for_an_adapted_lm_head(tiny_model, caplog) -> None:
+    """A LoRA on lm_head changes what the output embedding computes; the chunked path must not skip it."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny_model
+    model.config.tie_word_embeddings = False
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head", "q_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = _batch(tokenizer)
+    with caplog.at_level("WARNING", logger="orpo.logprobs"):
+        got = model_sequence_logps(peft_model, batch, nll_on_prompt=False, chunk_size=4)
+    assert "not a plain nn.Linear" in caplog.text
+    torch.testing.assert_close(got.logps, plain_sequence_logps(peft_model, batch, nll_on_prompt=False).logps)
+
+
+@pytest.mark.parametrize("mode", ["bf16-autocast", "bf16-weights"])
+def test_model_path_in_bfloat16_matches_plain_path(tiny_model, mode: str) -> None:
+    """Mixed precision: the projection runs in bf16 like the model's own lm_head; log-softmax in float32."""
+    model, tokenizer = tiny_model
+    batch = _batch(tokenizer)
+    if mode == "bf16-weights":
+        model = model.to(torch.bfloat16)
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with context:
+        plain = plain_sequence_logps(model, batch, nll_on_prompt=True)
+    plain_grads = torch.autograd.grad(_objective(plain), params)
+    with context:
+        chunked = model_sequence_logps(model, batch, nll_on_prompt=True, chunk_size=6)
+    chunked_grads = torch.autograd.grad(_objective(chunked), params)
+    assert chunked.logps.dtype == torch.float32
+    # bf16 has 8 bits of mantissa; both paths round the same matmul, so they agree far better than that.
+    torch.testing.assert_close(chunked.logps, plain.logps, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(chunked.nll_sum, plain.nll_sum, rtol=1e-2, atol=1e-2)
+    for g_chunked, g_plain in zip(chunked_grads, plain_grads):
+        assert g_chunked.dtype == g_plain.dtype
+        scale = g_plain.float().abs().max().clamp(min=1e-3)
+        assert float((g_chunked.float() - g_plain.float()).abs().max() / scale) < 5e-2
