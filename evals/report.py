@@ -1,0 +1,99 @@
+"""The evaluation report of one model: report.json (everything), report.md (for people), PNG charts."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Report:
+    """What one evaluation found. `metrics` is flat (the MLflow metrics); `sections` holds details."""
+
+    model: str
+    metrics: dict[str, float]
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    charts: list[Path] = field(default_factory=list)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null, paths strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def bar_chart(values: dict[str, float], path: str | Path, title: str, ylim: tuple[float, float] | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k, v in values.items() if math.isfinite(v)]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
+    ax.bar(names, [values[k] for k in names], color="#4C72B0")
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=20)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def render_markdown(report: Report) -> str:
+    lines = [f"# Evaluation of `{report.model}`", ""]
+    if report.notes:
+        lines += [*(f"- {note}" for note in report.notes), ""]
+    lines += ["## Headline metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(value)} |" for name, value in sorted(report.metrics.items())]
+    for name, section in report.sections.items():
+        lines += ["", f"## {name}", ""]
+        scalars = {k: v for k, v in section.items() if not isinstance(v, (dict, list))}
+        if scalars:
+            lines += ["| field | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()]
+        for key, value in section.items():
+            if isinstance(value, dict) and value and all(not isinstance(v, (dict, list)) for v in value.values()):
+                lines += ["", f"**{key}**", "", "| key | value |", "|---|---|"]
+                lines += [f"| {k} | {_fmt(v)} |" for k, v in value.items()]
+    if report.charts:
+        lines += ["", "## Charts", ""]
+        lines += [f"![{chart.stem}]({chart.name})" for chart in report.charts]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Report, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.json and report.md into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "report.json"
+    payload = {
+        "model": report.model,
+        "metrics": report.metrics,
+        "sections": report.sections,
+        "notes": report.notes,
+        "charts": [c.name for c in report.charts],
+    }
+    json_path.write_text(json.dumps(_clean(payload), indent=2, ensure_ascii=False), encoding="utf-8")
+    md_path = out / "report.md"
+    md_path.write_text(render_markdown(report), encoding="utf-8")
+    return json_path, md_path
