@@ -1,0 +1,830 @@
+"""Raw preference data -> prompt/chosen/rejected pairs -> a saved DatasetDict with a manifest.
+
+    from orpo.config import DataConfig
+    from orpo.data import prepare_dataset
+    prepared = prepare_dataset(DataConfig(source="data/samples/ultrafeedback_sample.jsonl"), "runs/data/demo")
+
+One pass over the input, record by record: read -> validate -> decontaminate -> recipe -> length limit ->
+dedupe -> split by a hash of prompt_id -> append to an Arrow file per split. Only a batch of output rows is
+in memory at a time, so 64k raw records (about 1 GB of JSON) never sit in memory as Python objects.
+
+Every input record lands in exactly one place: the train split, the test split, or one drop reason of the
+manifest (`orpo.data.ultrafeedback.DROP_REASONS`); `prepare_dataset` checks that the counts add up.
+The same input, recipe, options and seed give byte-identical files and the same fingerprint. The output is
+built in a temporary sibling directory and renamed into place, so a crash never leaves half a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orpo.data.decontaminate import Decontaminator, load_eval_prompts
+from orpo.data.ultrafeedback import (
+    DECONTAMINATED,
+    DROP_REASONS,
+    DUPLICATE,
+    MALFORMED,
+    TOO_LONG,
+    Dropped,
+    MalformedRecordError,
+    Pair,
+    binarize_record,
+    is_binarized,
+    normalize_binarized,
+    parse_record,
+)
+
+if TYPE_CHECKING:
+    from orpo.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+# Bump when a change in this package changes the output for the same input and options.
+FORMAT_VERSION = "orpo-binarize-2"
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "test")
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+MAX_MALFORMED_EXAMPLES = 10
+MAX_DECONTAMINATION_EXAMPLES = 10
+WRITE_BATCH_ROWS = 1000
+
+# Hub datasets and the splits that hold their records (the binarized ones are re-split by our hash).
+HUB_SPLITS = {
+    "openbmb/UltraFeedback": ("train",),
+    "HuggingFaceH4/ultrafeedback_binarized": ("train_prefs", "test_prefs"),
+    "argilla/ultrafeedback-binarized-preferences-cleaned": ("train",),
+}
+
+
+class DataPreparationError(RuntimeError):
+    """Binarization cannot go on; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A binarized dataset on disk."""
+
+    dataset_dir: Path  # DatasetDict saved with save_to_disk (splits train, test)
+    manifest_path: Path  # dataset_dir / "manifest.json"
+    fingerprint: str  # sha256 hex of the output rows, split by split
+    input_fingerprint: str  # sha256 of the input file(s) content, or of hub id + revision
+    counts: dict[str, int]  # records_in, pairs, train, test, dropped (total)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprints and keys
+
+
+def is_hub_id(source: str) -> bool:
+    """A source that is not a local path and looks like owner/name."""
+    if Path(source).expanduser().exists():
+        return False
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith(FILE_SUFFIXES)
+
+
+def input_files(source: str) -> list[Path]:
+    """The local files a source names: the file itself, or the data files under a directory (sorted)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and p.name.endswith(FILE_SUFFIXES) and not p.name.startswith(".") and p.name != MANIFEST_NAME
+        )
+        if not files:
+            raise DataPreparationError(f"{path} holds no {', '.join(FILE_SUFFIXES)} files")
+        return files
+    raise DataPreparationError(
+        f"data source {source!r} is neither an existing file or directory nor a hub id (owner/name)"
+    )
+
+
+def _hub_revision(source: str, revision: str | None) -> str:
+    """The commit a hub revision points at, when the hub can be asked; else the revision as given."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(source, revision=revision).sha or (revision or "main")
+    except Exception as exc:  # noqa: BLE001 - offline or unknown: the id and revision still identify it
+        log.warning("could not resolve %s@%s on the hub (%s); fingerprinting the name", source, revision, exc)
+        return revision or "main"
+
+
+def input_fingerprint(cfg: DataConfig) -> str:
+    """sha256 of the input's bytes (file names too, for a directory), or of hub id + resolved revision."""
+    digest = hashlib.sha256()
+    if is_hub_id(cfg.source):
+        digest.update(f"hub\x00{cfg.source}\x00{_hub_revision(cfg.source, cfg.source_revision)}".encode())
+        return digest.hexdigest()
+    root = Path(cfg.source).expanduser()
+    for path in input_files(cfg.source):
+        name = path.relative_to(root).as_posix() if root.is_dir() else ""
+        digest.update(f"file\x00{name}\x00{path.stat().st_size}\x00".encode())
+        digest.update(_file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _key_payload(cfg: DataConfig, input_fp: str) -> dict[str, Any]:
+    options = cfg.model_dump(mode="json", exclude={"source", "output_dir"})
+    if cfg.decontaminate:
+        options["decontamination_file_sha256"] = [_file_sha256(p) for p in cfg.decontamination_files]
+    return {"format": FORMAT_VERSION, "input": input_fp, "options": options}
+
+
+def dataset_key(cfg: DataConfig, *, input_fp: str | None = None) -> str:
+    """Hash of (input fingerprint, recipe, every option, seed, evaluation files): the dataset's directory name.
+
+    The source path itself and the output directory are left out: the same bytes under another name, or
+    written elsewhere, make the same dataset.
+    """
+    payload = _key_payload(cfg, input_fp or input_fingerprint(cfg))
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True, slots=True)
+class RawItem:
+    """One input record (or the reason it could not be read), with where it came from."""
+
+    location: str
+    data: Any
+    error: MalformedRecordError | None
+    nbytes: int
+
+
+def _json_loads():
+    try:
+        import orjson
+
+        return orjson.loads, (orjson.JSONDecodeError,)
+    except ImportError:  # the standard library is ~3x slower on 1 GB, but correct
+        return json.loads, (json.JSONDecodeError, UnicodeDecodeError)
+
+
+def iter_jsonl(path: Path) -> Iterator[RawItem]:
+    import gzip
+
+    loads, errors = _json_loads()
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb", buffering=1 << 20) as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            location = f"{path}:{line_number}"
+            try:
+                yield RawItem(location, loads(line), None, len(line))
+            except errors as exc:
+                yield RawItem(location, None, MalformedRecordError(location, "(json)", f"not valid JSON ({exc})"),
+                              len(line))
+
+
+def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[RawItem]:
+    """Stream the elements of a JSON array file without loading it whole; JSONL content is also accepted.
+
+    A syntax error inside an array cannot be skipped (the rest of the file has no reliable boundaries),
+    so it always raises, naming the line.
+    """
+    decoder = json.JSONDecoder()
+    with path.open("r", encoding="utf-8") as handle:
+        buffer = handle.read(chunk_chars)
+        eof = not buffer
+        pos = _skip_ws(buffer, 0)
+        if pos >= len(buffer) or buffer[pos] != "[":
+            yield from iter_jsonl(path)
+            return
+        pos += 1
+        line = 1 + buffer.count("\n", 0, pos)
+        index = 0
+        expect_value = True
+        while True:
+            start = pos
+            pos = _skip_ws(buffer, pos)
+            line += buffer.count("\n", start, pos)
+            if pos >= len(buffer) and not eof:
+                buffer, pos, eof = _refill(handle, buffer, pos, chunk_chars)
+                continue
+            if pos >= len(buffer):
+                raise MalformedRecordError(f"{path}:{line}", "(json)", "the JSON array is not closed with ]")
+            char = buffer[pos]
+            if char == "]" and (not expect_value or index == 0):
+                return
+            if not expect_value:
+                if char != ",":
+                    raise MalformedRecordError(f"{path}:{line}", "(json)", f"expected , or ] after element {index - 1}")
+                pos += 1
+                expect_value = True
+                continue
+            try:
+                obj, end = decoder.raw_decode(buffer, pos)
+                complete = end < len(buffer) or eof
+            except json.JSONDecodeError as exc:
+                if eof:
+                    raise MalformedRecordError(
+                        f"{path}:{line + buffer.count(chr(10), pos, exc.pos)}", "(json)",
+                        f"not valid JSON ({exc.msg}); a JSON array cannot be skipped past a syntax error, "
+                        "convert it to JSONL to skip bad lines",
+                    ) from None
+                complete = False
+            if not complete:
+                buffer, pos, eof = _refill(handle, buffer, pos, chunk_chars)
+                continue
+            yield RawItem(f"{path}:{line} [element {index}]", obj, None, end - pos)
+            line += buffer.count("\n", pos, end)
+            pos = end
+            index += 1
+            expect_value = False
+
+
+def _skip_ws(buffer: str, pos: int) -> int:
+    while pos < len(buffer) and buffer[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _refill(handle, buffer: str, pos: int, chunk_chars: int) -> tuple[str, int, bool]:
+    """Drop what was consumed and read more; a value longer than the buffer doubles the read."""
+    rest = buffer[pos:]
+    more = handle.read(max(chunk_chars, len(rest)))
+    return rest + more, 0, not more
+
+
+def iter_parquet(path: Path, batch_rows: int = 512) -> Iterator[RawItem]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    row = 0
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        for data in batch.to_pylist():
+            yield RawItem(f"{path} [row {row}]", data, None, 0)
+            row += 1
+
+
+def iter_file(path: Path) -> Iterator[RawItem]:
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        return iter_jsonl(path)
+    if path.name.endswith(".json"):
+        return iter_json_array(path)
+    if path.name.endswith(".parquet"):
+        return iter_parquet(path)
+    raise DataPreparationError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
+
+
+def iter_hub(source: str, revision: str | None) -> Iterator[RawItem]:
+    """Stream a hub dataset's records (never materialized whole)."""
+    from datasets import load_dataset
+
+    for split in HUB_SPLITS.get(source, ("train",)):
+        stream = load_dataset(source, split=split, revision=revision, streaming=True)
+        for index, data in enumerate(stream):
+            yield RawItem(f"{source}@{revision or 'main'} [{split} {index}]", data, None, 0)
+
+
+def iter_source(cfg: DataConfig) -> Iterator[RawItem]:
+    if is_hub_id(cfg.source):
+        yield from iter_hub(cfg.source, cfg.source_revision)
+        return
+    for path in input_files(cfg.source):
+        yield from iter_file(path)
+
+
+def _total_bytes(cfg: DataConfig) -> int | None:
+    if is_hub_id(cfg.source):
+        return None
+    files = input_files(cfg.source)
+    if any(not p.name.endswith((".jsonl", ".json")) for p in files):
+        return None  # compressed and parquet sizes do not match the decoded bytes we count
+    return sum(p.stat().st_size for p in files)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing
+
+
+def output_features():
+    """The output schema: HuggingFaceH4/ultrafeedback_binarized's columns plus source and models."""
+    from datasets import Features, Value
+
+    message = [{"content": Value("string"), "role": Value("string")}]
+    return Features(
+        {
+            "prompt": Value("string"),
+            "prompt_id": Value("string"),
+            "chosen": message,
+            "rejected": message,
+            "score_chosen": Value("float64"),
+            "score_rejected": Value("float64"),
+            "source": Value("string"),
+            "chosen_model": Value("string"),
+            "rejected_model": Value("string"),
+        }
+    )
+
+
+def is_test(prompt_id: str, test_size: float) -> bool:
+    """The split of a prompt depends only on its id, so it never moves when other records come or go."""
+    return int(prompt_id[:16], 16) < test_size * (1 << 64)
+
+
+class _SplitWriter:
+    """Appends pairs to an Arrow stream file in batches and hashes their content as it goes."""
+
+    def __init__(self, path: Path, schema) -> None:
+        import pyarrow as pa
+
+        self.path = path
+        self._pa = pa
+        self._schema = schema
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+        self._pairs: list[Pair] = []
+        self.count = 0
+        self.digest = hashlib.sha256()
+
+    def add(self, pair: Pair) -> None:
+        self._pairs.append(pair)
+        self.count += 1
+        self.digest.update(_pair_bytes(pair))
+        if len(self._pairs) >= WRITE_BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pairs:
+            self._writer.write_batch(_record_batch(self._pa, self._schema, self._pairs))
+            self._pairs = []
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+        self._sink.close()
+
+
+def _record_batch(pa, schema, pairs: list[Pair]):
+    """Build the batch column by column (much faster than from_pylist on nested rows)."""
+    n = len(pairs)
+    roles = pa.array(["user", "assistant"] * n, type=pa.string())
+    offsets = pa.array(range(0, 2 * n + 1, 2), type=pa.int32())
+
+    def messages(column: str, responses: list[str]):
+        contents = pa.array([text for pair, response in zip(pairs, responses) for text in (pair.prompt, response)],
+                            type=pa.string())
+        list_type = schema.field(column).type
+        struct = pa.StructArray.from_arrays([contents, roles], fields=list(list_type.value_type))
+        return pa.ListArray.from_arrays(offsets, struct, type=list_type)
+
+    columns = {
+        "prompt": pa.array([p.prompt for p in pairs], type=pa.string()),
+        "prompt_id": pa.array([p.prompt_id for p in pairs], type=pa.string()),
+        "chosen": messages("chosen", [p.chosen for p in pairs]),
+        "rejected": messages("rejected", [p.rejected for p in pairs]),
+        "score_chosen": pa.array([p.score_chosen for p in pairs], type=pa.float64()),
+        "score_rejected": pa.array([p.score_rejected for p in pairs], type=pa.float64()),
+        "source": pa.array([p.source for p in pairs], type=pa.string()),
+        "chosen_model": pa.array([p.chosen_model for p in pairs], type=pa.string()),
+        "rejected_model": pa.array([p.rejected_model for p in pairs], type=pa.string()),
+    }
+    return pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
+def _pair_bytes(pair: Pair) -> bytes:
+    """A library-independent encoding of a pair for the output fingerprint (length-prefixed UTF-8)."""
+    parts = []
+    for value in (pair.prompt, pair.chosen, pair.rejected, pair.source, pair.chosen_model, pair.rejected_model):
+        encoded = value.encode("utf-8")
+        parts.append(struct.pack("<Q", len(encoded)))
+        parts.append(encoded)
+    parts.append(struct.pack("<dd", pair.score_chosen, pair.score_rejected))
+    return b"".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Length limits
+
+
+@dataclass(frozen=True)
+class LengthLimit:
+    """Drops pairs whose chat-formatted prompt or prompt+response is longer than the limits, in tokens."""
+
+    tokenizer: Any
+    max_prompt_tokens: int | None
+    max_length: int | None
+
+    def too_long(self, pairs: list[Pair]) -> list[bool]:
+        if not pairs:
+            return []
+        users = [[{"role": "user", "content": p.prompt}] for p in pairs]
+        prompt_texts = self._render(users, generation_prompt=True)
+        texts = prompt_texts
+        if self.max_length is not None:
+            chosen = [u + [{"role": "assistant", "content": p.chosen}] for u, p in zip(users, pairs)]
+            rejected = [u + [{"role": "assistant", "content": p.rejected}] for u, p in zip(users, pairs)]
+            texts = prompt_texts + self._render(chosen) + self._render(rejected)
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        n = len(pairs)
+        flags = []
+        for i in range(n):
+            long_prompt = self.max_prompt_tokens is not None and lengths[i] > self.max_prompt_tokens
+            long_pair = self.max_length is not None and max(lengths[n + i], lengths[2 * n + i]) > self.max_length
+            flags.append(long_prompt or long_pair)
+        return flags
+
+    def _render(self, conversations: list[list[dict[str, str]]], generation_prompt: bool = False) -> list[str]:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                conversations, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        return ["\n".join(m["content"] for m in conversation) for conversation in conversations]
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """Name + a hash of the vocabulary and merges, so a different tokenizer makes a different dataset."""
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return f"{name}#{hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]}"
+    return f"{name}#vocab{len(tokenizer)}"
+
+
+def _resolve_tokenizer(cfg: DataConfig, tokenizer: Any) -> Any:
+    if cfg.max_prompt_tokens is None and cfg.max_length is None:
+        return None
+    if tokenizer is not None:
+        return tokenizer
+    if cfg.tokenizer:
+        from orpo.models import load_tokenizer, resolve_model
+
+        return load_tokenizer(resolve_model(cfg.tokenizer).path)
+    raise DataPreparationError(
+        "data.max_prompt_tokens / data.max_length count tokens, so they need a tokenizer: set data.tokenizer "
+        "(e.g. builtin:smollm2-135m-instruct or a hub id; --tokenizer on the CLI) or pass tokenizer=..."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pass over the input
+
+
+@dataclass
+class _Tally:
+    records_in: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    malformed_examples: list[dict[str, str]] = field(default_factory=list)
+    decontaminated: Counter = field(default_factory=Counter)
+    decontamination_examples: list[dict[str, str]] = field(default_factory=list)
+    non_numeric_ratings: int = 0
+    non_numeric_overall_scores: int = 0
+    prebinarized_records: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] += 1
+
+
+class _Binarizer:
+    """Holds the per-run state of one pass: filters, dedupe set, writers, counts."""
+
+    def __init__(self, cfg: DataConfig, staging: Path, length_limit: LengthLimit | None) -> None:
+        self.cfg = cfg
+        self.tally = _Tally()
+        self.length_limit = length_limit
+        self.decontaminator = None
+        if cfg.decontaminate:
+            eval_prompts = load_eval_prompts(cfg.decontamination_files)
+            if not eval_prompts:
+                log.warning("decontamination is on but no evaluation files are given: only dropping truthful_qa")
+            self.decontaminator = Decontaminator(eval_prompts, n=cfg.decontamination_ngram)
+        self.seen: set[bytes] = set()
+        schema = output_features().arrow_schema
+        self.writers = {split: _SplitWriter(staging / f"{split}.arrow", schema) for split in SPLITS}
+        self._pending: list[tuple[Pair, str]] = []  # (pair, location), filtered and split in batches
+
+    def consume(self, item: RawItem) -> None:
+        tally = self.tally
+        tally.records_in += 1
+        try:
+            if item.error is not None:
+                raise item.error
+            outcome = self._pair_of(item)
+        except MalformedRecordError as exc:
+            if self.cfg.on_error == "fail":
+                raise
+            tally.drop(MALFORMED)
+            if len(tally.malformed_examples) < MAX_MALFORMED_EXAMPLES:
+                tally.malformed_examples.append({"location": exc.location, "field": exc.field, "problem": exc.problem})
+            return
+        if isinstance(outcome, Dropped):
+            tally.drop(outcome.reason)
+            return
+        self._pending.append((outcome, item.location))
+        if len(self._pending) >= WRITE_BATCH_ROWS:
+            self.flush()
+
+    def _pair_of(self, item: RawItem) -> Pair | Dropped:
+        data = item.data
+        if type(data) is dict and is_binarized(data):
+            self.tally.prebinarized_records += 1
+            return normalize_binarized(data, item.location)
+        record = parse_record(data, item.location, require_overall_score=self.cfg.recipe == "h4")
+        self.tally.non_numeric_ratings += record.non_numeric_ratings
+        self.tally.non_numeric_overall_scores += record.non_numeric_overall
+        return binarize_record(record, self.cfg.recipe, self.cfg.seed, fix_scores=self.cfg.fix_overall_score)
+
+    def _clean(self, batch: list[tuple[Pair, str]]) -> list[Pair]:
+        """Drop contaminated pairs (checked a batch at a time: the n-gram test is vectorized)."""
+        if self.decontaminator is None:
+            return [pair for pair, _ in batch]
+        hits = self.decontaminator.check_many([p.prompt for p, _ in batch], [p.source for p, _ in batch])
+        kept = []
+        for (pair, location), hit in zip(batch, hits):
+            if hit is None:
+                kept.append(pair)
+                continue
+            self.tally.drop(DECONTAMINATED)
+            self.tally.decontaminated[hit.rule] += 1
+            if len(self.tally.decontamination_examples) < MAX_DECONTAMINATION_EXAMPLES:
+                self.tally.decontamination_examples.append(
+                    {"location": location, "rule": hit.rule, "matched": hit.matched}
+                )
+        return kept
+
+    def flush(self) -> None:
+        """Decontaminate, length-filter, dedupe and split the pending pairs, in that order: a contaminated
+        or too long first copy of a prompt does not block a later clean one."""
+        batch, self._pending = self._pending, []
+        pairs = self._clean(batch)
+        too_long = self.length_limit.too_long(pairs) if self.length_limit else [False] * len(pairs)
+        for pair, long in zip(pairs, too_long):
+            if long:
+                self.tally.drop(TOO_LONG)
+                continue
+            if self.cfg.dedupe:
+                # Whitespace differences do not make a different prompt.
+                key = hashlib.sha256(" ".join(pair.prompt.split()).encode("utf-8")).digest()
+                if key in self.seen:
+                    self.tally.drop(DUPLICATE)
+                    continue
+                self.seen.add(key)
+            split = "test" if is_test(pair.prompt_id, self.cfg.test_size) else "train"
+            self.writers[split].add(pair)
+
+    def close(self) -> None:
+        self.flush()
+        for writer in self.writers.values():
+            writer.close()
+
+    def output_fingerprint(self) -> str:
+        digest = hashlib.sha256(FORMAT_VERSION.encode())
+        for split in SPLITS:
+            digest.update(f"\x00{split}\x00{self.writers[split].count}\x00".encode())
+            digest.update(self.writers[split].digest.digest())
+        return digest.hexdigest()
+
+
+def _progress_bar(total: int | None, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="binarize", disable=not enabled, file=sys.stderr)
+
+
+def _run_pass(cfg: DataConfig, staging: Path, length_limit: LengthLimit | None, progress: bool) -> _Binarizer:
+    binarizer = _Binarizer(cfg, staging, length_limit)
+    bar = _progress_bar(_total_bytes(cfg), progress)
+    try:
+        pending_bytes = 0
+        for item in iter_source(cfg):
+            binarizer.consume(item)
+            pending_bytes += item.nbytes
+            if binarizer.tally.records_in % 256 == 0:  # tqdm per record would cost more than the parsing
+                bar.update(pending_bytes)
+                bar.set_postfix(records=binarizer.tally.records_in, refresh=False)
+                pending_bytes = 0
+        bar.update(pending_bytes)
+        binarizer.close()
+    finally:
+        bar.close()
+    return binarizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving, manifest, export
+
+
+def _save_dataset_dict(staging: Path, target: Path, fingerprint: str) -> None:
+    """Turn the staged Arrow files into a DatasetDict on disk (memory-mapped: nothing is loaded whole)."""
+    import datasets
+    from datasets import Dataset, DatasetDict, DatasetInfo
+    from datasets.table import MemoryMappedTable
+
+    features = output_features()
+    splits = {}
+    for split in SPLITS:
+        table = MemoryMappedTable.from_file(str(staging / f"{split}.arrow"))
+        info = DatasetInfo(features=features, description="UltraFeedback-style preference pairs (orpo-pipeline)")
+        # An explicit fingerprint keeps state.json identical across runs (the default hashes temp paths).
+        splits[split] = Dataset(table, info=info, split=datasets.NamedSplit(split),
+                                fingerprint=f"{fingerprint[:16]}-{split}")
+    was_enabled = datasets.utils.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        DatasetDict(splits).save_to_disk(str(target))
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _versions(tokenizer: Any) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["orpo-pipeline", "datasets", "pyarrow", "orjson"]
+    if tokenizer is not None:
+        names += ["transformers", "tokenizers"]
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _export(dataset_dir: Path, fmt: str) -> list[str]:
+    """Also write each split as JSON Lines or Parquet under export/ (rows in dataset order)."""
+    from datasets import load_from_disk
+
+    export_dir = dataset_dir / "export"
+    export_dir.mkdir()
+    written = []
+    dataset = load_from_disk(str(dataset_dir))
+    for split in SPLITS:
+        path = export_dir / f"{split}.{fmt}"
+        if fmt == "parquet":
+            dataset[split].to_parquet(str(path))
+        else:
+            with path.open("w", encoding="utf-8", newline="\n") as handle:
+                for batch in dataset[split].iter(batch_size=WRITE_BATCH_ROWS):
+                    for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        written.append(path.relative_to(dataset_dir).as_posix())
+    return written
+
+
+def _manifest(
+    cfg: DataConfig, key: str, input_fp: str, binarizer: _Binarizer, fingerprint: str, tokenizer: Any
+) -> dict[str, Any]:
+    tally = binarizer.tally
+    counts = {
+        "records_in": tally.records_in,
+        "pairs": sum(w.count for w in binarizer.writers.values()),
+        "train": binarizer.writers["train"].count,
+        "test": binarizer.writers["test"].count,
+        "dropped": sum(tally.dropped.values()),
+    }
+    if counts["train"] + counts["test"] + counts["dropped"] != counts["records_in"]:
+        raise DataPreparationError(f"internal error: counts do not add up: {counts}, {dict(tally.dropped)}")
+    decontamination = None
+    if cfg.decontaminate:
+        decontamination = {
+            "files": [{"path": p, "sha256": _file_sha256(p)} for p in cfg.decontamination_files],
+            "eval_prompts": binarizer.decontaminator.eval_prompt_count,
+            "ngram": cfg.decontamination_ngram,
+            "sources": sorted(binarizer.decontaminator.sources),
+            "by_rule": {rule: tally.decontaminated.get(rule, 0) for rule in ("source", "exact", "ngram")},
+            "examples": tally.decontamination_examples,
+        }
+    return {
+        "format": FORMAT_VERSION,
+        "dataset_key": key,
+        "source": cfg.source,
+        "source_revision": cfg.source_revision,
+        "input_fingerprint": input_fp,
+        "recipe": cfg.recipe,
+        "seed": cfg.seed,
+        "options": cfg.model_dump(mode="json", exclude={"output_dir"}),
+        "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
+        "counts": counts,
+        "dropped": {reason: tally.dropped.get(reason, 0) for reason in DROP_REASONS},
+        "malformed_examples": tally.malformed_examples,
+        "non_numeric_ratings": tally.non_numeric_ratings,
+        "non_numeric_overall_scores": tally.non_numeric_overall_scores,
+        "prebinarized_records": tally.prebinarized_records,
+        "decontamination": decontamination,
+        "fingerprint": fingerprint,
+        "versions": _versions(tokenizer),
+    }
+
+
+def load_prepared(dataset_dir: str | Path) -> PreparedDataset:
+    """Re-read a dataset directory written by prepare_dataset (its manifest; the data stays on disk)."""
+    dataset_dir = Path(dataset_dir)
+    manifest_path = dataset_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DataPreparationError(
+            f"{dataset_dir} is not a prepared dataset (no {MANIFEST_NAME}); run `orpo data binarize` first"
+        )
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    return PreparedDataset(
+        dataset_dir=dataset_dir,
+        manifest_path=manifest_path,
+        fingerprint=manifest["fingerprint"],
+        input_fingerprint=manifest["input_fingerprint"],
+        counts=dict(manifest["counts"]),
+    )
+
+
+def _reusable(out_dir: Path, key: str, tokenizer_id: str | None) -> PreparedDataset | None:
+    manifest_path = out_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("dataset_key") != key or manifest.get("tokenizer") != tokenizer_id:
+        return None
+    return load_prepared(out_dir)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished build into place; an old dataset there is replaced, anything else is refused."""
+    if out_dir.exists():
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file()
+                                    and not (out_dir / "dataset_dict.json").is_file()):
+            raise DataPreparationError(
+                f"{out_dir} exists and is not a dataset directory; choose another --out / data.output_dir"
+            )
+        old = Path(tempfile.mkdtemp(prefix=out_dir.name + ".old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def prepare_dataset(
+    cfg: DataConfig, out_dir: str | Path, *, tokenizer: Any = None, progress: bool = True
+) -> PreparedDataset:
+    """Binarize `cfg.source` into `out_dir` (a DatasetDict + manifest.json), or reuse it if already there.
+
+    `tokenizer` is used for the length limits; without it `cfg.tokenizer` is loaded. The result is
+    reused when `out_dir` holds a complete dataset with the same key (input fingerprint, options, seed,
+    evaluation files) and tokenizer.
+    """
+    out_dir = Path(out_dir)
+    input_fp = input_fingerprint(cfg)
+    key = dataset_key(cfg, input_fp=input_fp)
+    tokenizer = _resolve_tokenizer(cfg, tokenizer)
+    tokenizer_id = tokenizer_identity(tokenizer) if tokenizer is not None else None
+    existing = _reusable(out_dir, key, tokenizer_id)
+    if existing is not None:
+        log.info("reusing %s (same input and options, key %s)", out_dir, key)
+        return existing
+    length_limit = LengthLimit(tokenizer, cfg.max_prompt_tokens, cfg.max_length) if tokenizer is not None else None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A uniquely named sibling (not mkdtemp: its 0700 mode would survive the rename) on the same filesystem.
+    tmp = out_dir.parent / f"{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        staging = tmp / "_staging"
+        staging.mkdir()
+        binarizer = _run_pass(cfg, staging, length_limit, progress)
+        fingerprint = binarizer.output_fingerprint()
+        _save_dataset_dict(staging, tmp, fingerprint)
+        shutil.rmtree(staging)
+        manifest = _manifest(cfg, key, input_fp, binarizer, fingerprint, tokenizer)
+        if cfg.export:
+            manifest["exports"] = _export(tmp, cfg.export)
+        # The manifest is written last: a directory with a manifest is a complete dataset.
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts = manifest["counts"]
+    log.info(
+        "binarized %d records from %s with recipe %s: %d train, %d test, %d dropped -> %s",
+        counts["records_in"], cfg.source, cfg.recipe, counts["train"], counts["test"], counts["dropped"], out_dir,
+    )
+    return load_prepared(out_dir)
