@@ -1,0 +1,159 @@
+"""`orpo register`, `orpo compare`, `orpo ui`: plain functions that `orpo.cli` mounts on its typer app.
+
+Typer reads the options from the signatures' defaults, so each mounts with `app.command()(fn)`. MLflow,
+pandas and matplotlib are imported inside the commands to keep `orpo --help` fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+log = logging.getLogger(__name__)
+
+_CONFIG_HELP = "YAML config (see configs/); its registry section names the store and the model. Defaults apply when omitted."
+
+
+def _load_config(config: Optional[Path], overrides: Optional[list[str]] = None):
+    from orpo.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def register(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    train_dir: Path = typer.Argument(..., help="Output directory of `orpo train` (holds train_result.json)."),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="Dotted overrides, e.g. registry.registered_model_name=my-model."
+    ),
+) -> None:
+    """Register a training export in MLflow as a new model version with alias `challenger`.
+
+    Logs the training run (config params, metric histories, curves, data manifest, resolved config) and
+    the model (transformers flavor; a LoRA adapter references its base model). Registering the same
+    export again returns the existing version; an export without export_complete.json is refused.
+    """
+    from orpo.registry import RegistrationError, register_training_run
+
+    cfg = _load_config(config, overrides)
+    try:
+        version = register_training_run(cfg, train_dir)
+    except RegistrationError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    state = "registered" if version.created else "already registered as"
+    console.print(f"{state} [bold]{version.model_uri}[/bold] (MLflow run {version.run_id})")
+    console.print(f"store: {cfg.resolved_tracking_uri()}")
+
+
+def _format(value: object, signed: bool = False) -> str:
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return "-"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def compare(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Registered model name (default: from the config)."),
+    versions: Optional[str] = typer.Option(None, "--versions", help="Comma-separated versions, e.g. 3,4,5 (default: all)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Chart PNG path (default: <workdir>/compare/<name>-<versions>.png)."
+    ),
+) -> None:
+    """Compare registered versions: key metrics with deltas against the champion, and a chart.
+
+    Prints a table (MT-Bench score, AlpacaEval win rates, preference accuracy, each with its delta
+    against the `champion`), writes a PNG of per-category MT-Bench scores and win rates side by side,
+    and logs chart and table to MLflow in a `compare` run.
+    """
+    from rich.table import Table
+
+    from orpo.compare import DELTA_PREFIX, KEY_METRICS, compare_versions, default_png_path, log_comparison
+
+    cfg = _load_config(config)
+    if name:
+        cfg.registry.registered_model_name = name
+    wanted = [v.strip() for v in versions.split(",") if v.strip()] if versions else None
+    try:
+        frame = compare_versions(cfg, wanted)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if frame.empty:
+        console.print(f"[yellow]{cfg.registry.registered_model_name} has no versions yet[/yellow]")
+        raise typer.Exit(1)
+    png = out or default_png_path(cfg, list(frame.index))
+    from orpo.compare import plot_comparison
+
+    plot_comparison(frame, png, title=f"{cfg.registry.registered_model_name}: versions {', '.join(frame.index)}")
+
+    table = Table(title=f"{cfg.registry.registered_model_name}: versions (delta vs champion)")
+    table.add_column("version", justify="right")
+    table.add_column("aliases")
+    table.add_column("finetune")
+    for metric in KEY_METRICS:
+        table.add_column(metric, justify="right")
+        table.add_column("delta", justify="right")
+    for version, row in frame.iterrows():
+        cells = [str(version), row["aliases"], str(row["finetune"])]
+        for metric in KEY_METRICS:
+            cells += [_format(row[metric]), _format(row[DELTA_PREFIX + metric], signed=True)]
+        table.add_row(*cells)
+    console.print(table)
+    run_id = log_comparison(cfg, frame, png)
+    console.print(f"chart: [bold]{png}[/bold] (logged to MLflow run {run_id})")
+
+
+def ui(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    port: int = typer.Option(5000, "--port", "-p", help="Port on 127.0.0.1."),
+) -> None:
+    """Open the MLflow UI on the pipeline's store, bound to 127.0.0.1 (Ctrl-C stops it).
+
+    With the default sqlite store this serves <workdir>/mlflow.db and <workdir>/mlartifacts. When the
+    tracking URI is already an http(s) server, it just prints that address.
+    """
+    from orpo.registry import configure_mlflow
+
+    cfg = _load_config(config)
+    uri = cfg.resolved_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        console.print(f"the tracking store is a server: open [bold]{uri}[/bold]")
+        return
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    configure_mlflow(cfg)  # creates and migrates the database before the server reads it
+    command = server_command(uri, Path(cfg.workdir).resolve() / "mlartifacts", port)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    console.print(f"MLflow UI on [bold]http://127.0.0.1:{port}[/bold] for {uri} (Ctrl-C to stop)")
+    try:
+        completed = subprocess.run(command, env=env, check=False)
+    except KeyboardInterrupt:
+        return
+    if completed.returncode not in (0, -2, 130):
+        raise typer.Exit(completed.returncode)
+
+
+def server_command(backend_uri: str, artifacts_dir: Path, port: int) -> list[str]:
+    """The `mlflow server` command line for a local store, on loopback only."""
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", backend_uri,
+        "--artifacts-destination", str(artifacts_dir),
+    ]
