@@ -1,0 +1,86 @@
+"""A run killed with SIGKILL after a checkpoint, then re-run, ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orpo.config import dump_config
+from test_train import read_metrics, toy_config, write_toy_dataset
+
+STEPS = 10
+
+
+def _kill_after_first_checkpoint(command: list[str], checkpoints: Path, env: dict, timeout: float = 300.0) -> int:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir()):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        return process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (model_dir / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(str(model_dir / name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_killed_run_resumes_to_the_uninterrupted_result(lora, tiny_model_dir, tmp_path):
+    """Checkpoint every 2 steps; SIGKILL the run as soon as the first checkpoint is on disk; re-run with the
+    same output directory. Optimizer, schedule (cosine with warmup), RNG (LoRA dropout draws from it) and
+    the position in the data are restored, so on CPU the final weights are bit-for-bit those of a run that
+    was never interrupted."""
+    from orpo.train import train
+
+    dataset = write_toy_dataset(tmp_path / "dataset")
+    lora_settings = {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.1}
+    config = toy_config(tmp_path, tiny_model_dir, max_steps=STEPS, per_device_batch_size=4, save_steps=2,
+                        save_total_limit=2, lr_scheduler="cosine", warmup_steps=3, learning_rate=1e-3,
+                        eval_steps=5, lora=lora_settings)
+    config_file = dump_config(config, tmp_path / "config.yaml")
+    resumed_dir = tmp_path / "resumed"
+    command = [sys.executable, "-m", "orpo.train", "--config", str(config_file), "--dataset-dir", str(dataset),
+               "--output-dir", str(resumed_dir)]
+    code = _kill_after_first_checkpoint(command, resumed_dir / "checkpoints", env=dict(os.environ))
+    assert code == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+    assert not (resumed_dir / "model" / "export_complete.json").exists()
+
+    resumed = train(config, dataset, resumed_dir)
+    uninterrupted = train(config, dataset, tmp_path / "uninterrupted")
+
+    first, second = _weights(resumed.model_dir), _weights(uninterrupted.model_dir)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert first[name].equal(second[name]), name
+    # The log reads as one run: each step once, in order (lines past the checkpoint were dropped).
+    steps = [row["step"] for row in read_metrics(resumed.metrics_path) if "loss" in row]
+    assert steps == list(range(1, STEPS + 1))
+    assert resumed.final_metrics["eval_loss"] == pytest.approx(uninterrupted.final_metrics["eval_loss"], abs=1e-12)
+    # Only the last save_total_limit checkpoints are kept, and LoRA ones hold only the adapter.
+    kept = sorted(p.name for p in (resumed_dir / "checkpoints").iterdir())
+    assert kept == [f"step-{STEPS - 2}", f"step-{STEPS}"]
+    checkpoint_weights = _weights_file_keys(resumed_dir / "checkpoints" / f"step-{STEPS}" / "model.safetensors")
+    assert all("lora_" in key for key in checkpoint_weights) == lora
+
+
+def _weights_file_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())
