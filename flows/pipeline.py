@@ -62,12 +62,10 @@ def _slug(text: str) -> str:
 
 
 def run_name_for(config: PipelineConfig) -> str:
-    """`<model>-<UTC date>-<flow run name>`: stable across retries of one flow run, distinct across runs."""
+    """The flow run's name (`<model>-<UTC date and time>`): stable across retries of one flow run."""
     if config.run_name:
         return config.run_name
-    started = flow_run.scheduled_start_time or datetime.now(timezone.utc)
-    suffix = flow_run.name or "local"
-    return f"{_slug(config.model.name_or_path)}-{started:%Y%m%d-%H%M}-{suffix}"
+    return flow_run.name or f"{_slug(config.model.name_or_path)}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
 def _flow_run_name() -> str:
@@ -76,7 +74,8 @@ def _flow_run_name() -> str:
     model = getattr(getattr(config, "model", None), "name_or_path", None)
     if model is None and isinstance(config, dict):
         model = (config.get("model") or {}).get("name_or_path")
-    return f"{_slug(model or 'orpo')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    # The id's head keeps two runs started in the same second apart (their training dirs must differ).
+    return f"{_slug(model or 'orpo')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{str(flow_run.id or '')[:6]}"
 
 
 def _base_eval_key(context, parameters) -> str:

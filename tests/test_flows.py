@@ -32,7 +32,7 @@ def test_alignment_pipeline_runs_end_to_end_and_reuses_the_dataset(prefect_harne
 
     client = mlflow.MlflowClient(tracking_uri=summary.tracking_uri)
     version = client.get_model_version_by_alias("tiny-orpo", "champion")
-    assert version.version == summary.model_version
+    assert str(version.version) == summary.model_version
     run = client.get_run(version.run_id)
     assert "preference/accuracy" in run.data.metrics
     assert any(key.startswith("loss") or key == "loss" for key in run.data.metrics)
