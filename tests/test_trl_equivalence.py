@@ -45,13 +45,26 @@ def _conversational(prompt: str, chosen: str, rejected: str) -> dict:
     }
 
 
+@pytest.fixture(params=["tiny-llama", pytest.param("smollm2", marks=pytest.mark.slow)])
+def model_and_tokenizer(request):
+    """The tiny random Llama, and the real SmolLM2-135M-Instruct (its 49k vocabulary and chat template)."""
+    if request.param == "tiny-llama":
+        return request.getfixturevalue("tiny_model_and_tokenizer")
+    from transformers import AutoModelForCausalLM
+
+    from orpo.models import load_tokenizer
+
+    path = str(request.getfixturevalue("smollm2_dir"))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), load_tokenizer(path)
+
+
 @pytest.fixture()
-def trl_trainer(tiny_model_and_tokenizer, tmp_path):
+def trl_trainer(model_and_tokenizer, tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    model, tokenizer = tiny_model_and_tokenizer
+    model, tokenizer = model_and_tokenizer
     args = ORPOConfig(
         output_dir=str(tmp_path),
         bf16=False,
@@ -93,8 +106,15 @@ def test_tokenization_matches_trl_up_to_its_extra_eos(trl_trainer) -> None:
             assert trl_features[side] == ours[side] + [tokenizer.eos_token_id]
 
 
-@pytest.mark.parametrize("chunk_size", [5, 4096])
+@pytest.mark.parametrize(
+    ("model_and_tokenizer", "chunk_size"),
+    [("tiny-llama", 5), ("tiny-llama", 4096), pytest.param("smollm2", 32, marks=pytest.mark.slow)],
+    indirect=["model_and_tokenizer"],
+)
 def test_loss_metrics_and_gradients_equal_trl(trl_trainer, chunk_size: int) -> None:
+    """Within 1e-5: absolute on the tiny model; relative on SmolLM2, whose fp32 sums over a 49k vocabulary
+    and 576-wide layers round differently when the two sides pad to different lengths (about 3e-6 of the
+    loss)."""
     trainer, model, _ = trl_trainer
     rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
     trl_batch = trainer.data_collator(rows)
@@ -112,12 +132,15 @@ def test_loss_metrics_and_gradients_equal_trl(trl_trainer, chunk_size: int) -> N
     out.loss.backward()
 
     ours = out.metrics()
-    assert ours["loss"] == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert ours["loss"] == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-5)
     for name in SHARED_METRICS:
-        assert ours[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
+        assert ours[name] == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-5), name
     # Every TRL metric is either shared or one of the two logit means we deliberately do not compute.
     assert set(trl_metrics) - set(SHARED_METRICS) == {"logits/chosen", "logits/rejected"}
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, trl_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        # Relative to each gradient's norm: elementwise ratios of near-zero entries are fp32 noise. Seen:
+        # at most 2.5e-7 on the tiny model, 9e-6 on SmolLM2 (30 layers of fp32 rounding).
+        error = float((p.grad - trl_grads[name]).norm() / trl_grads[name].norm().clamp(min=1e-12))
+        assert error < 3e-5, f"{name}: relative gradient error {error:.2e}"
     # The batch is not degenerate: the preference term matters and the pairs disagree.
     assert abs(trl_metrics["log_odds_chosen"]) > 1e-4
