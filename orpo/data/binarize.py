@@ -4,9 +4,10 @@
     from orpo.data import prepare_dataset
     prepared = prepare_dataset(DataConfig(source="data/samples/ultrafeedback_sample.jsonl"), "runs/data/demo")
 
-One pass over the input, record by record: read -> validate -> decontaminate -> recipe -> length limit ->
-dedupe -> split by a hash of prompt_id -> append to an Arrow file per split. Only a batch of output rows is
-in memory at a time, so 64k raw records (about 1 GB of JSON) never sit in memory as Python objects.
+One pass over the input, a batch of records at a time: read -> validate -> recipe -> decontaminate (these
+three in worker processes for large JSONL files, results taken back in input order) -> length limit ->
+dedupe -> split by a hash of prompt_id -> append to an Arrow file per split. Only a few batches are in
+memory at a time, so 64k raw records (about 1 GB of JSON) never sit in memory as Python objects.
 
 Every input record lands in exactly one place: the train split, the test split, or one drop reason of the
 manifest (`orpo.data.ultrafeedback.DROP_REASONS`); `prepare_dataset` checks that the counts add up.
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orpo.data.decontaminate import Decontaminator, load_eval_prompts
+from orpo.data.decontaminate import DecontaminationFileError, Decontaminator, load_eval_prompts
 from orpo.data.ultrafeedback import (
     DECONTAMINATED,
     DROP_REASONS,
@@ -60,6 +61,10 @@ FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 MAX_MALFORMED_EXAMPLES = 10
 MAX_DECONTAMINATION_EXAMPLES = 10
 WRITE_BATCH_ROWS = 1000
+# Local JSONL files this large are parsed by worker processes, in chunks of this size.
+PARALLEL_MIN_BYTES = 64 << 20
+PARALLEL_CHUNK_BYTES = 8 << 20
+MAX_AUTO_WORKERS = 8
 
 # Hub datasets and the splits that hold their records (the binarized ones are re-split by our hash).
 HUB_SPLITS = {
@@ -149,6 +154,12 @@ def _file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
 def _key_payload(cfg: DataConfig, input_fp: str) -> dict[str, Any]:
     options = cfg.model_dump(mode="json", exclude={"source", "output_dir"})
     if cfg.decontaminate:
+        for path in cfg.decontamination_files:
+            if not Path(path).is_file():
+                raise DecontaminationFileError(
+                    f"decontamination file {path} does not exist; give MT-Bench question.jsonl or an AlpacaEval "
+                    "json (data.decontamination_files / --decontamination-file), or turn decontamination off"
+                )
         options["decontamination_file_sha256"] = [_file_sha256(p) for p in cfg.decontamination_files]
     return {"format": FORMAT_VERSION, "input": input_fp, "options": options}
 
@@ -169,11 +180,12 @@ def dataset_key(cfg: DataConfig, *, input_fp: str | None = None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RawItem:
-    """One input record (or the reason it could not be read), with where it came from."""
+    """One input record, or the reason it could not be parsed, with where it came from."""
 
     location: str
+    line: int  # 1-based line in a text file (relative to the chunk in worker processes); 0 when not a line
     data: Any
-    error: MalformedRecordError | None
+    error: tuple[str, str] | None  # (field, problem) when the record is not even valid JSON
     nbytes: int
 
 
@@ -182,25 +194,52 @@ def _json_loads():
         import orjson
 
         return orjson.loads, (orjson.JSONDecodeError,)
-    except ImportError:  # the standard library is ~3x slower on 1 GB, but correct
+    except ImportError:  # the standard library is ~2x slower on 1 GB, but correct
         return json.loads, (json.JSONDecodeError, UnicodeDecodeError)
 
 
-def iter_jsonl(path: Path) -> Iterator[RawItem]:
+def iter_jsonl(path: Path, start: int = 0, end: int | None = None) -> Iterator[RawItem]:
+    """Records of a JSON Lines file (optionally gzip), or of the byte range [start, end) of one.
+
+    Line numbers count from `start` (so they are absolute when start is 0). Blank lines are not records.
+    """
     import gzip
 
     loads, errors = _json_loads()
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb", buffering=1 << 20) as handle:
+    handle = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb", buffering=1 << 20)  # noqa: SIM115
+    with handle:
+        if start:
+            handle.seek(start)
+        remaining = None if end is None else end - start
         for line_number, line in enumerate(handle, 1):
+            if remaining is not None:
+                if remaining <= 0:
+                    break
+                remaining -= len(line)
             if not line.strip():
                 continue
             location = f"{path}:{line_number}"
             try:
-                yield RawItem(location, loads(line), None, len(line))
+                yield RawItem(location, line_number, loads(line), None, len(line))
             except errors as exc:
-                yield RawItem(location, None, MalformedRecordError(location, "(json)", f"not valid JSON ({exc})"),
-                              len(line))
+                yield RawItem(location, line_number, None, ("(json)", f"not valid JSON ({exc})"), len(line))
+
+
+def _count_lines(path: Path, start: int, end: int) -> int:
+    """Lines in a byte range that starts at a line start (a last line without newline counts too)."""
+    count = 0
+    last = b"\n"
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        remaining = end - start
+        while remaining > 0:
+            block = handle.read(min(remaining, 1 << 22))
+            if not block:
+                break
+            count += block.count(b"\n")
+            last = block[-1:]
+            remaining -= len(block)
+    return count + (last != b"\n")
 
 
 def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[RawItem]:
@@ -253,7 +292,7 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[RawItem]
             if not complete:
                 buffer, pos, eof = _refill(handle, buffer, pos, chunk_chars)
                 continue
-            yield RawItem(f"{path}:{line} [element {index}]", obj, None, end - pos)
+            yield RawItem(f"{path}:{line} [element {index}]", line, obj, None, end - pos)
             line += buffer.count("\n", pos, end)
             pos = end
             index += 1
@@ -280,7 +319,7 @@ def iter_parquet(path: Path, batch_rows: int = 512) -> Iterator[RawItem]:
     row = 0
     for batch in parquet.iter_batches(batch_size=batch_rows):
         for data in batch.to_pylist():
-            yield RawItem(f"{path} [row {row}]", data, None, 0)
+            yield RawItem(f"{path} [row {row}]", 0, data, None, 0)
             row += 1
 
 
@@ -301,15 +340,7 @@ def iter_hub(source: str, revision: str | None) -> Iterator[RawItem]:
     for split in HUB_SPLITS.get(source, ("train",)):
         stream = load_dataset(source, split=split, revision=revision, streaming=True)
         for index, data in enumerate(stream):
-            yield RawItem(f"{source}@{revision or 'main'} [{split} {index}]", data, None, 0)
-
-
-def iter_source(cfg: DataConfig) -> Iterator[RawItem]:
-    if is_hub_id(cfg.source):
-        yield from iter_hub(cfg.source, cfg.source_revision)
-        return
-    for path in input_files(cfg.source):
-        yield from iter_file(path)
+            yield RawItem(f"{source}@{revision or 'main'} [{split} {index}]", 0, data, None, 0)
 
 
 def _total_bytes(cfg: DataConfig) -> int | None:
@@ -379,6 +410,8 @@ class _SplitWriter:
 
     def close(self) -> None:
         self.flush()
+        if self.count == 0:  # datasets cannot load a split saved without any record batch
+            self._writer.write_batch(_record_batch(self._pa, self._schema, []))
         self._writer.close()
         self._sink.close()
 
@@ -488,6 +521,257 @@ def _resolve_tokenizer(cfg: DataConfig, tokenizer: Any) -> Any:
 # The pass over the input
 
 
+@dataclass(slots=True)
+class Outcome:
+    """What one input record became: a pair, or a drop reason (with the field/rule and detail)."""
+
+    location: str
+    line: int
+    pair: Pair | None = None
+    reason: str = ""
+    field: str = ""  # malformed: the field; decontaminated: the rule (source, exact, ngram)
+    detail: str = ""  # malformed: the problem; decontaminated: the evaluation prompt matched
+    non_numeric_ratings: int = 0
+    non_numeric_overall: int = 0
+    prebinarized: bool = False
+
+
+class RecordProcessor:
+    """Validate -> recipe -> decontaminate, a batch of records at a time. Holds no per-run state, so it
+    runs the same in this process or in worker processes (it is pickled to them once)."""
+
+    def __init__(self, recipe: str, seed: int, fix_scores: bool, decontaminator: Decontaminator | None) -> None:
+        self.recipe = recipe
+        self.seed = seed
+        self.fix_scores = fix_scores
+        self.decontaminator = decontaminator
+
+    def process(self, items: list[RawItem]) -> list[Outcome]:
+        outcomes = [self._one(item) for item in items]
+        if self.decontaminator is not None:
+            paired = [o for o in outcomes if o.pair is not None]
+            hits = self.decontaminator.check_many([o.pair.prompt for o in paired], [o.pair.source for o in paired])
+            for outcome, hit in zip(paired, hits):
+                if hit is not None:
+                    outcome.pair = None
+                    outcome.reason, outcome.field, outcome.detail = DECONTAMINATED, hit.rule, hit.matched
+        return outcomes
+
+    def _one(self, item: RawItem) -> Outcome:
+        outcome = Outcome(item.location, item.line)
+        if item.error is not None:
+            outcome.reason, (outcome.field, outcome.detail) = MALFORMED, item.error
+            return outcome
+        data = item.data
+        try:
+            if type(data) is dict and is_binarized(data):
+                outcome.prebinarized = True
+                result = normalize_binarized(data, item.location)
+            else:
+                record = parse_record(data, item.location, require_overall_score=self.recipe == "h4")
+                outcome.non_numeric_ratings = record.non_numeric_ratings
+                outcome.non_numeric_overall = record.non_numeric_overall
+                result = binarize_record(record, self.recipe, self.seed, fix_scores=self.fix_scores)
+        except MalformedRecordError as exc:
+            outcome.reason, outcome.field, outcome.detail = MALFORMED, exc.field, exc.problem
+            return outcome
+        if isinstance(result, Dropped):
+            outcome.reason = result.reason
+        else:
+            outcome.pair = result
+        return outcome
+
+
+# --- worker processes for large JSONL files ---------------------------------------------------------
+
+_WORKER_PROCESSOR: RecordProcessor | None = None
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    outcomes: list[Outcome]
+    lines: int
+    nbytes: int
+
+
+def _process_chunk(path: str, start: int, end: int) -> _ChunkResult:
+    assert _WORKER_PROCESSOR is not None
+    outcomes: list[Outcome] = []
+    batch: list[RawItem] = []
+    for item in iter_jsonl(Path(path), start, end):
+        batch.append(item)
+        if len(batch) >= WRITE_BATCH_ROWS:
+            outcomes += _WORKER_PROCESSOR.process(batch)
+            batch = []
+    outcomes += _WORKER_PROCESSOR.process(batch)
+    return _ChunkResult(outcomes, _count_lines(Path(path), start, end), end - start)
+
+
+def _line_aligned_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
+    size = path.stat().st_size
+    starts = [0]
+    with open(path, "rb") as handle:
+        while starts[-1] + chunk_bytes < size:
+            handle.seek(starts[-1] + chunk_bytes)
+            handle.readline()  # to the start of the next line
+            if handle.tell() >= size:
+                break
+            starts.append(handle.tell())
+    return list(zip(starts, starts[1:] + [size]))
+
+
+class _WorkerPool:
+    """Worker subprocesses (running `_worker_main`) that process chunks of large JSONL files.
+
+    Plain subprocesses talking pickles over pipes, not multiprocessing: they never re-import the caller's
+    __main__ (a script without a main guard would otherwise run again in every worker). Chunk i goes to
+    worker i % n and each worker answers in order, so results are read back in input order and the output
+    is byte-identical to the single-process pass.
+    """
+
+    IN_FLIGHT_PER_WORKER = 2
+
+    def __init__(self, processor: RecordProcessor, workers: int) -> None:
+        self.processor = processor
+        self.workers = workers
+        self._procs: list[Any] = []
+        self._idle = True  # every result sent for has been read
+
+    def _start(self) -> None:
+        import pickle
+        import subprocess
+
+        import orpo
+
+        env = dict(os.environ)
+        package_root = str(Path(orpo.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        for _ in range(self.workers):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from orpo.data.binarize import _worker_main; _worker_main()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            )
+            pickle.dump(self.processor, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+            self._procs.append(proc)
+
+    def outcomes(self, path: Path) -> Iterator[tuple[list[Outcome], int]]:
+        import pickle
+
+        if not self._procs:
+            self._start()
+        ranges = _line_aligned_ranges(path, PARALLEL_CHUNK_BYTES)
+        procs = self._procs
+
+        def send(index: int) -> None:
+            proc = procs[index % len(procs)]
+            pickle.dump((str(path), *ranges[index]), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+
+        self._idle = False
+        sent = min(len(ranges), self.IN_FLIGHT_PER_WORKER * len(procs))
+        for index in range(sent):
+            send(index)
+        base = 0
+        for index in range(len(ranges)):
+            proc = procs[index % len(procs)]
+            try:
+                status, payload = pickle.load(proc.stdout)
+            except EOFError:
+                raise DataPreparationError(
+                    f"a data worker process exited (code {proc.poll()}) while reading {path}; see its error "
+                    "above, or run in one process with ORPO_DATA_WORKERS=1"
+                ) from None
+            if status != "ok":
+                raise DataPreparationError(f"data worker failed on {path} bytes {ranges[index]}:\n{payload}")
+            if sent < len(ranges):
+                send(sent)
+                sent += 1
+            for outcome in payload.outcomes:
+                outcome.line += base
+                if outcome.reason:  # only drops are reported by location
+                    outcome.location = f"{path}:{outcome.line}"
+            base += payload.lines
+            yield payload.outcomes, payload.nbytes
+        self._idle = True
+
+    def close(self) -> None:
+        for proc in self._procs:
+            if self._idle:
+                proc.stdin.close()  # end of tasks: the worker exits
+            else:
+                proc.kill()  # it may be blocked writing a result nobody will read
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a worker that does not exit is killed, never waited on forever
+                proc.kill()
+            for stream in (proc.stdin, proc.stdout):
+                if stream and not stream.closed:
+                    stream.close()
+        self._procs = []
+
+
+def _worker_main() -> None:
+    """Entry point of a worker process: a RecordProcessor, then (path, start, end) tasks, on stdin."""
+    import pickle
+    import traceback
+
+    global _WORKER_PROCESSOR
+    tasks = sys.stdin.buffer
+    results = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the result stream
+    _WORKER_PROCESSOR = pickle.load(tasks)
+    while True:
+        try:
+            path, start, end = pickle.load(tasks)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", _process_chunk(path, start, end))
+        except Exception:  # noqa: BLE001 - reported to the parent, which raises it with the file and range
+            reply = ("error", traceback.format_exc())
+        pickle.dump(reply, results, protocol=pickle.HIGHEST_PROTOCOL)
+        results.flush()
+
+
+def _worker_count(requested: int | None) -> int:
+    if requested is not None:
+        return max(1, requested)
+    if os.environ.get("ORPO_DATA_WORKERS"):
+        return max(1, int(os.environ["ORPO_DATA_WORKERS"]))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_AUTO_WORKERS)
+
+
+def _outcome_batches(
+    cfg: DataConfig, processor: RecordProcessor, pool: _WorkerPool | None
+) -> Iterator[tuple[list[Outcome], int]]:
+    """(outcomes, bytes read) in input order, from worker processes where a file is large enough."""
+    if is_hub_id(cfg.source):
+        sources = [iter_hub(cfg.source, cfg.source_revision)]
+    else:
+        sources = []
+        for path in input_files(cfg.source):
+            parallel = pool is not None and path.name.endswith(".jsonl") and path.stat().st_size >= PARALLEL_MIN_BYTES
+            sources.append(pool.outcomes(path) if parallel else iter_file(path))
+    for source in sources:
+        batch: list[RawItem] = []
+        for entry in source:
+            if isinstance(entry, tuple):  # already processed by a worker
+                yield entry
+                continue
+            batch.append(entry)
+            if len(batch) >= WRITE_BATCH_ROWS:
+                yield processor.process(batch), sum(item.nbytes for item in batch)
+                batch = []
+        if batch:
+            yield processor.process(batch), sum(item.nbytes for item in batch)
+
+
 @dataclass
 class _Tally:
     records_in: int = 0
@@ -499,92 +783,63 @@ class _Tally:
     non_numeric_overall_scores: int = 0
     prebinarized_records: int = 0
 
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] += 1
-
 
 class _Binarizer:
-    """Holds the per-run state of one pass: filters, dedupe set, writers, counts."""
+    """The ordered end of the pass: counts every outcome, then length limit, dedupe, split and write."""
 
-    def __init__(self, cfg: DataConfig, staging: Path, length_limit: LengthLimit | None) -> None:
+    def __init__(
+        self, cfg: DataConfig, staging: Path, length_limit: LengthLimit | None, decontaminator: Decontaminator | None
+    ) -> None:
         self.cfg = cfg
         self.tally = _Tally()
         self.length_limit = length_limit
-        self.decontaminator = None
-        if cfg.decontaminate:
-            eval_prompts = load_eval_prompts(cfg.decontamination_files)
-            if not eval_prompts:
-                log.warning("decontamination is on but no evaluation files are given: only dropping truthful_qa")
-            self.decontaminator = Decontaminator(eval_prompts, n=cfg.decontamination_ngram)
+        self.decontaminator = decontaminator  # for the manifest; the filtering happens in RecordProcessor
         self.seen: set[bytes] = set()
         schema = output_features().arrow_schema
         self.writers = {split: _SplitWriter(staging / f"{split}.arrow", schema) for split in SPLITS}
-        self._pending: list[tuple[Pair, str]] = []  # (pair, location), filtered and split in batches
+        self._pending: list[Pair] = []
 
-    def consume(self, item: RawItem) -> None:
+    def consume(self, outcomes: list[Outcome]) -> None:
         tally = self.tally
-        tally.records_in += 1
-        try:
-            if item.error is not None:
-                raise item.error
-            outcome = self._pair_of(item)
-        except MalformedRecordError as exc:
-            if self.cfg.on_error == "fail":
-                raise
-            tally.drop(MALFORMED)
-            if len(tally.malformed_examples) < MAX_MALFORMED_EXAMPLES:
-                tally.malformed_examples.append({"location": exc.location, "field": exc.field, "problem": exc.problem})
-            return
-        if isinstance(outcome, Dropped):
-            tally.drop(outcome.reason)
-            return
-        self._pending.append((outcome, item.location))
+        for outcome in outcomes:
+            tally.records_in += 1
+            tally.non_numeric_ratings += outcome.non_numeric_ratings
+            tally.non_numeric_overall_scores += outcome.non_numeric_overall
+            tally.prebinarized_records += outcome.prebinarized
+            if outcome.pair is not None:
+                self._pending.append(outcome.pair)
+                continue
+            if outcome.reason == MALFORMED:
+                if self.cfg.on_error == "fail":
+                    raise MalformedRecordError(outcome.location, outcome.field, outcome.detail)
+                if len(tally.malformed_examples) < MAX_MALFORMED_EXAMPLES:
+                    tally.malformed_examples.append(
+                        {"location": outcome.location, "field": outcome.field, "problem": outcome.detail}
+                    )
+            elif outcome.reason == DECONTAMINATED:
+                tally.decontaminated[outcome.field] += 1
+                if len(tally.decontamination_examples) < MAX_DECONTAMINATION_EXAMPLES:
+                    tally.decontamination_examples.append(
+                        {"location": outcome.location, "rule": outcome.field, "matched": outcome.detail}
+                    )
+            tally.dropped[outcome.reason] += 1
         if len(self._pending) >= WRITE_BATCH_ROWS:
             self.flush()
 
-    def _pair_of(self, item: RawItem) -> Pair | Dropped:
-        data = item.data
-        if type(data) is dict and is_binarized(data):
-            self.tally.prebinarized_records += 1
-            return normalize_binarized(data, item.location)
-        record = parse_record(data, item.location, require_overall_score=self.cfg.recipe == "h4")
-        self.tally.non_numeric_ratings += record.non_numeric_ratings
-        self.tally.non_numeric_overall_scores += record.non_numeric_overall
-        return binarize_record(record, self.cfg.recipe, self.cfg.seed, fix_scores=self.cfg.fix_overall_score)
-
-    def _clean(self, batch: list[tuple[Pair, str]]) -> list[Pair]:
-        """Drop contaminated pairs (checked a batch at a time: the n-gram test is vectorized)."""
-        if self.decontaminator is None:
-            return [pair for pair, _ in batch]
-        hits = self.decontaminator.check_many([p.prompt for p, _ in batch], [p.source for p, _ in batch])
-        kept = []
-        for (pair, location), hit in zip(batch, hits):
-            if hit is None:
-                kept.append(pair)
-                continue
-            self.tally.drop(DECONTAMINATED)
-            self.tally.decontaminated[hit.rule] += 1
-            if len(self.tally.decontamination_examples) < MAX_DECONTAMINATION_EXAMPLES:
-                self.tally.decontamination_examples.append(
-                    {"location": location, "rule": hit.rule, "matched": hit.matched}
-                )
-        return kept
-
     def flush(self) -> None:
-        """Decontaminate, length-filter, dedupe and split the pending pairs, in that order: a contaminated
-        or too long first copy of a prompt does not block a later clean one."""
-        batch, self._pending = self._pending, []
-        pairs = self._clean(batch)
+        """Length-filter, dedupe and split the pending pairs, length first: a too long first copy of a
+        prompt does not block a later one that fits."""
+        pairs, self._pending = self._pending, []
         too_long = self.length_limit.too_long(pairs) if self.length_limit else [False] * len(pairs)
         for pair, long in zip(pairs, too_long):
             if long:
-                self.tally.drop(TOO_LONG)
+                self.tally.dropped[TOO_LONG] += 1
                 continue
             if self.cfg.dedupe:
                 # Whitespace differences do not make a different prompt.
                 key = hashlib.sha256(" ".join(pair.prompt.split()).encode("utf-8")).digest()
                 if key in self.seen:
-                    self.tally.drop(DUPLICATE)
+                    self.tally.dropped[DUPLICATE] += 1
                     continue
                 self.seen.add(key)
             split = "test" if is_test(pair.prompt_id, self.cfg.test_size) else "train"
@@ -609,22 +864,34 @@ def _progress_bar(total: int | None, enabled: bool):
     return tqdm(total=total, unit="B", unit_scale=True, desc="binarize", disable=not enabled, file=sys.stderr)
 
 
-def _run_pass(cfg: DataConfig, staging: Path, length_limit: LengthLimit | None, progress: bool) -> _Binarizer:
-    binarizer = _Binarizer(cfg, staging, length_limit)
+def _decontaminator(cfg: DataConfig) -> Decontaminator | None:
+    if not cfg.decontaminate:
+        return None
+    eval_prompts = load_eval_prompts(cfg.decontamination_files)
+    if not eval_prompts:
+        log.warning("decontamination is on but no evaluation files are given: only dropping truthful_qa")
+    return Decontaminator(eval_prompts, n=cfg.decontamination_ngram)
+
+
+def _run_pass(
+    cfg: DataConfig, staging: Path, length_limit: LengthLimit | None, progress: bool, workers: int | None
+) -> _Binarizer:
+    decontaminator = _decontaminator(cfg)
+    processor = RecordProcessor(cfg.recipe, cfg.seed, cfg.fix_overall_score, decontaminator)
+    binarizer = _Binarizer(cfg, staging, length_limit, decontaminator)
+    count = _worker_count(workers)
+    pool = _WorkerPool(processor, count) if count > 1 else None
     bar = _progress_bar(_total_bytes(cfg), progress)
     try:
-        pending_bytes = 0
-        for item in iter_source(cfg):
-            binarizer.consume(item)
-            pending_bytes += item.nbytes
-            if binarizer.tally.records_in % 256 == 0:  # tqdm per record would cost more than the parsing
-                bar.update(pending_bytes)
-                bar.set_postfix(records=binarizer.tally.records_in, refresh=False)
-                pending_bytes = 0
-        bar.update(pending_bytes)
+        for outcomes, nbytes in _outcome_batches(cfg, processor, pool):
+            binarizer.consume(outcomes)
+            bar.update(nbytes)
+            bar.set_postfix(records=binarizer.tally.records_in, refresh=False)
         binarizer.close()
     finally:
         bar.close()
+        if pool is not None:
+            pool.close()
     return binarizer
 
 
@@ -653,6 +920,22 @@ def _save_dataset_dict(staging: Path, target: Path, fingerprint: str) -> None:
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
+    for split in SPLITS:
+        if splits[split].num_rows == 0:
+            _add_empty_shard(staging / f"{split}.arrow", target / split)
+
+
+def _add_empty_shard(staged: Path, split_dir: Path) -> None:
+    """save_to_disk writes no data file for an empty split, and load_from_disk then fails on it: give the
+    split one empty shard (the staged file holds the schema and an empty batch)."""
+    state_path = split_dir / "state.json"
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    if state.get("_data_files"):
+        return
+    name = "data-00000-of-00001.arrow"
+    shutil.copyfile(staged, split_dir / name)
+    state["_data_files"] = [{"filename": name}]
+    state_path.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _versions(tokenizer: Any) -> dict[str, str]:
@@ -784,13 +1067,15 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 
 def prepare_dataset(
-    cfg: DataConfig, out_dir: str | Path, *, tokenizer: Any = None, progress: bool = True
+    cfg: DataConfig, out_dir: str | Path, *, tokenizer: Any = None, progress: bool = True, workers: int | None = None
 ) -> PreparedDataset:
     """Binarize `cfg.source` into `out_dir` (a DatasetDict + manifest.json), or reuse it if already there.
 
     `tokenizer` is used for the length limits; without it `cfg.tokenizer` is loaded. The result is
     reused when `out_dir` holds a complete dataset with the same key (input fingerprint, options, seed,
-    evaluation files) and tokenizer.
+    evaluation files) and tokenizer. `workers` processes parse local JSONL files of 64 MB and more
+    (default: the CPUs available, at most 8, or $ORPO_DATA_WORKERS; 1 = all in this process); the
+    output does not depend on it.
     """
     out_dir = Path(out_dir)
     input_fp = input_fingerprint(cfg)
@@ -809,7 +1094,7 @@ def prepare_dataset(
     try:
         staging = tmp / "_staging"
         staging.mkdir()
-        binarizer = _run_pass(cfg, staging, length_limit, progress)
+        binarizer = _run_pass(cfg, staging, length_limit, progress, workers)
         fingerprint = binarizer.output_fingerprint()
         _save_dataset_dict(staging, tmp, fingerprint)
         shutil.rmtree(staging)
@@ -828,3 +1113,4 @@ def prepare_dataset(
         counts["records_in"], cfg.source, cfg.recipe, counts["train"], counts["test"], counts["dropped"], out_dir,
     )
     return load_prepared(out_dir)
+
