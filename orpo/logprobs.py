@@ -102,8 +102,9 @@ def _chunk_logits(
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log P(target_i | hidden_i) for n selected positions, chunk by chunk, recomputing logits in backward.
 
-    Saves only its inputs; peak extra memory is a few (chunk_size, V) float32 buffers (plus one copy of the
-    weight in the compute dtype when that differs from the weight's, e.g. under bf16 autocast).
+    Saves its inputs and each position's log-sum-exp; peak extra memory is a few (chunk_size, V) float32
+    buffers (plus one copy of the weight in the compute dtype when that differs from the weight's, e.g.
+    under bf16 autocast).
     """
 
     @staticmethod
@@ -113,24 +114,25 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         ctx.chunk_size = chunk_size
         ctx.logit_scale = logit_scale
         ctx.logit_softcap = logit_softcap
-        ctx.save_for_backward(hidden, weight, bias, targets)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         out_dtype = torch.promote_types(compute_dtype, torch.float32)
         out = torch.empty(hidden.shape[0], dtype=out_dtype, device=hidden.device)
+        lse = torch.empty_like(out)
         # Autocast off: the dtypes are chosen explicitly, identically in forward and backward.
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 stop = start + chunk_size
                 logits, _ = _chunk_logits(hidden[start:stop].to(compute_dtype), w, b, logit_scale, logit_softcap)
-                picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
-                out[start:stop] = picked - torch.logsumexp(logits, dim=1)
+                lse[start:stop] = torch.logsumexp(logits, dim=1)
+                out[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - lse[start:stop]
                 del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         compute_dtype = ctx.compute_dtype
         w = weight.to(compute_dtype)
@@ -147,8 +149,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 h = hidden[start:stop].to(compute_dtype)
                 logits, raw = _chunk_logits(h, w, b, ctx.logit_scale, ctx.logit_softcap)
                 g = grad_out[start:stop]
-                # d logp_target / d logits = onehot(target) - softmax(logits)
-                grad_logits = torch.softmax(logits, dim=1).mul_(-g[:, None])
+                # d logp_target / d logits = onehot(target) - softmax(logits); softmax in place from the
+                # forward's log-sum-exp (raw is only read again with softcapping, when it is another tensor).
+                grad_logits = logits.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])
                 grad_logits.scatter_add_(1, targets[start:stop, None], g[:, None])
                 if ctx.logit_softcap is not None:
                     grad_logits.mul_(1.0 - torch.tanh(raw / ctx.logit_softcap).square())
