@@ -34,10 +34,11 @@ class SequenceLogps:
     and divide once (see `orpo.loss.ORPOLoss`); averaging per-micro-batch means weights short batches up.
     """
 
-    logps: torch.Tensor  # (2B,) float32 (float64 for a float64 model): mean log-prob of each row's response tokens (length-normalised)
-    nll_sum: torch.Tensor  # () float32: summed token NLL over the NLL tokens of the chosen half
-    nll_tokens: torch.Tensor  # () float32: how many tokens nll_sum covers
-    completion_tokens: torch.Tensor  # (2B,) float32: response tokens per row (the denominator of logps)
+    # All float32 (float64 for a float64 model).
+    logps: torch.Tensor  # (2B,) mean log-prob of each row's response tokens (length-normalised)
+    nll_sum: torch.Tensor  # () summed token NLL over the NLL tokens of the chosen half
+    nll_tokens: torch.Tensor  # () how many tokens nll_sum covers
+    completion_tokens: torch.Tensor  # (2B,) response tokens per row (the denominator of logps)
 
 
 def _label_masks(
@@ -247,6 +248,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def shards_parameters(model: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 shards this model's parameters."""
+    engine = model
+    while hasattr(engine, "module") and type(engine).__name__ != "DeepSpeedEngine":
+        engine = engine.module
+    if type(engine).__name__ == "DeepSpeedEngine" and engine.zero_optimization_stage() == 3:
+        return True
+    # FSDP1 wraps modules in FullyShardedDataParallel; FSDP2's fully_shard makes classes named FSDP<Name>.
+    return any(type(m).__name__.startswith(("FullyShardedDataParallel", "FSDP")) for m in model.modules())
+
+
 def _logit_transform(config: Any) -> tuple[float | None, float | None]:
     """(scale, softcap) that the model's forward applies to lm_head's output, from its config."""
     scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
@@ -273,16 +285,21 @@ def model_sequence_logps(
     so the model's own logits are a negligible (2B, 1, V). The lm_head weight reaches the loss through our
     autograd function, so DDP sees a gradient for every parameter.
 
-    A model whose output embedding is not a plain `nn.Linear` (for example a LoRA-adapted lm_head) falls
-    back to `plain_sequence_logps`, with a warning. Untested here: FSDP and DeepSpeed ZeRO-3.
+    Falls back to `plain_sequence_logps` (full logits, correct but memory-hungry), with a warning, for:
+    - an output embedding that is not a plain `nn.Linear` (e.g. a LoRA-adapted lm_head);
+    - FSDP and DeepSpeed ZeRO-3, which free a module's gathered weights after its forward and gather them
+      again only when the module's own output is back-propagated; our autograd function saves the weight
+      outside that protocol, so its backward would see a released shard.
     """
     inner = unwrap_model(model)
     head = inner.get_output_embeddings()
+    reason = None
     if type(head) is not nn.Linear:
-        log.warning(
-            "output embedding is %s, not a plain nn.Linear; computing log-probs from full logits",
-            type(head).__name__,
-        )
+        reason = f"the output embedding is {type(head).__name__}, not a plain nn.Linear"
+    elif shards_parameters(model):
+        reason = "the model's parameters are sharded (FSDP / ZeRO-3)"
+    if reason is not None:
+        log.warning("%s; computing log-probs from full logits", reason)
         return plain_sequence_logps(model, batch, nll_on_prompt=nll_on_prompt)
     scale, softcap = _logit_transform(getattr(inner, "config", None))
     input_ids = batch["input_ids"]

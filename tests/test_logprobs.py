@@ -267,3 +267,73 @@ def test_model_path_in_bfloat16_matches_plain_path(tiny_model, mode: str) -> Non
         assert g_chunked.dtype == g_plain.dtype
         scale = g_plain.float().abs().max().clamp(min=1e-3)
         assert float((g_chunked.float() - g_plain.float()).abs().max() / scale) < 5e-2
+
+
+def _ddp_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """One process of a 2-process gloo run: its own half of the pairs, DDP-wrapped tiny model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from orpo.models import build_tiny_llama
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        model, tokenizer = build_tiny_llama(seed=0, hidden_size=32, layers=2)
+        batch = _batch_of(tokenizer, [EXAMPLES[rank]])
+        wrapped = DistributedDataParallel(model)
+        seq = model_sequence_logps(wrapped, batch, nll_on_prompt=False, chunk_size=4)
+        _objective(seq).backward()
+        torch.save({n: p.grad for n, p in model.named_parameters()}, f"{out_dir}/grads{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _batch_of(tokenizer, examples: list[dict]) -> dict:
+    features = [tokenize_pair(e, tokenizer, max_length=96, max_prompt_length=48) for e in examples]
+    return PreferenceCollator(tokenizer.pad_token_id)(features)
+
+
+@pytest.mark.slow  # two spawned interpreters import torch and transformers (~60-90 s on 2 busy cores)
+def test_ddp_two_processes_average_the_chunked_gradients(tmp_path) -> None:
+    """Gradients that reach the weights only through the hook (lm_head / tied embedding included) are
+    all-reduced by DDP: each process ends with the mean of the single-process gradients of both shards."""
+    import torch.multiprocessing as mp
+
+    from orpo.models import build_tiny_llama
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    model, tokenizer = build_tiny_llama(seed=0, hidden_size=32, layers=2)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for example in EXAMPLES[:2]:
+        model.zero_grad()
+        seq = model_sequence_logps(model, _batch_of(tokenizer, [example]), nll_on_prompt=False, chunk_size=4)
+        _objective(seq).backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad / 2
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"grads{rank}.pt")
+        for n, g in expected.items():
+            torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {n}")
+
+
+def test_model_path_falls_back_under_parameter_sharding(tiny_model, caplog) -> None:
+    """Stand-in for FSDP (its wrapper class name is what is detected): full logits, same values."""
+    model, tokenizer = tiny_model
+
+    class FullyShardedDataParallel(torch.nn.Module):
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+        def get_output_embeddings(self):
+            return self.module.get_output_embeddings()
+
+    batch = _batch(tokenizer)
+    with caplog.at_level("WARNING", logger="orpo.logprobs"):
+        got = model_sequence_logps(FullyShardedDataParallel(model), batch, nll_on_prompt=True, chunk_size=4)
+    assert "sharded" in caplog.text
+    torch.testing.assert_close(got.logps, plain_sequence_logps(model, batch, nll_on_prompt=True).logps)
