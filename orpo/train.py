@@ -224,7 +224,7 @@ def eval_batches(lengths: list[int], batch_size: int, num_processes: int, proces
 # Metrics: sums on the device, reduced across processes once, divided once
 # --------------------------------------------------------------------------------------------------------
 
-_SUM_KEYS = (
+SUM_KEYS = (
     "nll_sum",
     "nll_tokens",
     "pairs",
@@ -239,7 +239,7 @@ _SUM_KEYS = (
 
 
 def batch_sums(out, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The summable statistics of one micro-batch (see `_SUM_KEYS`), as one float64 vector on its device."""
+    """The summable statistics of one micro-batch (see `SUM_KEYS`), as one float64 vector on its device."""
     import torch
 
     pairs = out.chosen_logps.shape[0]
@@ -527,11 +527,19 @@ def _setup_data(dataset_dir: Path, tokenizer, train_cfg: TrainConfig) -> PairDat
 
 
 @dataclass
+class StepStats:
+    """What one optimizer step leaves for the log: this process's summed statistics (see `SUM_KEYS`)."""
+
+    sums: Any  # float64 tensor on the device, not yet reduced across processes
+    grad_norm: Any  # tensor; None under DeepSpeed
+
+
+@dataclass
 class _Window:
     """Statistics of the steps since the last log line."""
 
     started: float
-    sums: Any = None  # float64 tensor over _SUM_KEYS
+    sums: Any = None  # float64 tensor over SUM_KEYS
     grad_norm: Any = None  # of the last step
 
 
@@ -629,7 +637,9 @@ class ORPORecipe:
 
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, cfg.pad_to_multiple_of)
         self.loss_fn = ORPOLoss(cfg.orpo_lambda)
-        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        # All parameters (frozen ones have no gradient and are skipped): under FSDP accelerate recognises the
+        # model's own parameter list and clips with the sharded norm.
+        self.clip_params = list(self.model.parameters())
         self.sum_dtype = torch.float32 if acc.device.type == "mps" else torch.float64
         self.sink = _MetricsSink.open(
             self.output_dir / METRICS_JSONL, acc.is_main_process, self.config.resolved_tracking_uri()
@@ -657,51 +667,19 @@ class ORPORecipe:
     # ---- the loop -----------------------------------------------------------------------------------
 
     def train(self) -> None:
-        import torch
+        """Optimizer steps until total_steps; log, evaluate and checkpoint on their schedules."""
         from tqdm.auto import tqdm
 
-        from orpo.logprobs import model_sequence_logps
-
         cfg, acc = self.config.train, self.accelerator
-        world, accumulation = acc.num_processes, cfg.gradient_accumulation_steps
         progress = tqdm(total=self.total_steps, initial=self.global_step, desc="orpo", unit="step",
                         disable=not acc.is_local_main_process, dynamic_ncols=True)
         self.model.train()
         window = _Window(started=time.perf_counter())
         while self.global_step < self.total_steps:
-            step_pairs = self.plan.step_pairs(self.global_step)
-            rows = self.data.train[step_pairs]  # columns of this step's pairs, all processes'
-            features = [{k: rows[k][i] for k in _TOKEN_COLUMNS} for i in range(len(step_pairs))]
-            # Normalisers of the whole step, known to every process without communication.
-            nll_total = float(sum(nll_token_count(f, cfg.nll_on_prompt) for f in features))
-            pair_total = float(len(features))
-            position = {index: i for i, index in enumerate(step_pairs)}
-
-            for micro in self.plan.micro_batches(self.global_step, acc.process_index):
-                batch = self.collator([features[position[i]] for i in micro])
-                num_pairs = batch.pop("num_pairs")
-                batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-                # Inside accumulate(), DDP skips the gradient all-reduce until the step's last micro-batch.
-                with acc.accumulate(self.model):
-                    seq = model_sequence_logps(self.model, batch, nll_on_prompt=cfg.nll_on_prompt,
-                                               chunk_size=cfg.logprob_chunk_size)
-                    out = self.loss_fn(seq, num_pairs, nll_normalizer=nll_total, pair_normalizer=pair_total)
-                    # out.loss is this micro-batch's share of the step's loss. DDP averages gradients over
-                    # processes and accelerator.backward divides by the accumulation steps: undo both, so
-                    # the summed gradients are exactly those of the step's loss.
-                    acc.backward(out.loss * (world * accumulation))
-                sums = batch_sums(out, batch["attention_mask"])
-                window.sums = sums if window.sums is None else window.sums + sums
-                del seq, out, batch  # before the next forward, not after it
-
-            grad_norm = acc.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm or math.inf)
-            self.optimizer.step()
-            if not acc.optimizer_step_was_skipped:  # an fp16 overflow skips the update, and the schedule waits
-                self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.global_step += 1
+            step = self.train_step()
+            window.sums = step.sums if window.sums is None else window.sums + step.sums
+            window.grad_norm = step.grad_norm
             progress.update(1)
-            window.grad_norm = grad_norm  # a tensor (or None under DeepSpeed); read at the next log
 
             last = self.global_step == self.total_steps
             if self.global_step % cfg.logging_steps == 0 or last:
@@ -719,6 +697,46 @@ class ORPORecipe:
                 window.started = time.perf_counter()
         progress.close()
 
+    def train_step(self) -> StepStats:
+        """One optimizer step: this process's micro-batches of step `global_step`, clip, update, schedule."""
+        from orpo.logprobs import model_sequence_logps
+
+        cfg, acc = self.config.train, self.accelerator
+        world, accumulation = acc.num_processes, cfg.gradient_accumulation_steps
+        step_pairs = self.plan.step_pairs(self.global_step)
+        rows = self.data.train[step_pairs]  # columns of this step's pairs, all processes'
+        features = [{k: rows[k][i] for k in _TOKEN_COLUMNS} for i in range(len(step_pairs))]
+        # Normalisers of the whole step, known to every process without communication.
+        nll_total = float(sum(nll_token_count(f, cfg.nll_on_prompt) for f in features))
+        pair_total = float(len(features))
+        position = {index: i for i, index in enumerate(step_pairs)}
+
+        sums = None
+        for micro in self.plan.micro_batches(self.global_step, acc.process_index):
+            batch = self.collator([features[position[i]] for i in micro])
+            num_pairs = batch.pop("num_pairs")
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            # Inside accumulate(), DDP skips the gradient all-reduce until the step's last micro-batch.
+            with acc.accumulate(self.model):
+                seq = model_sequence_logps(self.model, batch, nll_on_prompt=cfg.nll_on_prompt,
+                                           chunk_size=cfg.logprob_chunk_size)
+                out = self.loss_fn(seq, num_pairs, nll_normalizer=nll_total, pair_normalizer=pair_total)
+                # out.loss is this micro-batch's share of the step's loss. DDP averages gradients over
+                # processes and accelerator.backward divides by the accumulation steps: undo both, so
+                # the summed gradients are exactly those of the step's loss.
+                acc.backward(out.loss * (world * accumulation))
+            micro_sums = batch_sums(out, batch["attention_mask"])
+            sums = micro_sums if sums is None else sums + micro_sums
+            del seq, out, batch  # before the next forward, not after it
+
+        grad_norm = acc.clip_grad_norm_(self.clip_params, cfg.max_grad_norm or math.inf)
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:  # an fp16 overflow skips the update, and the schedule waits
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return StepStats(sums=sums, grad_norm=grad_norm)
+
     def _epoch(self) -> float:
         return self.global_step / self.plan.steps_per_epoch
 
@@ -728,7 +746,7 @@ class ORPORecipe:
         acc = self.accelerator
         sums = acc.reduce(window.sums.to(self.sum_dtype), reduction="sum")  # the one sync point per log
         elapsed = max(time.perf_counter() - window.started, 1e-9)
-        named = dict(zip(_SUM_KEYS, sums.tolist()))
+        named = dict(zip(SUM_KEYS, sums.tolist()))
         memory = acc.gather(torch.tensor([peak_memory_mb(acc.device)], device=acc.device)).max().item()
         record = {
             "step": self.global_step,
@@ -754,7 +772,7 @@ class ORPORecipe:
         cfg, acc = self.config.train, self.accelerator
         batches = eval_batches(self.data.test_lengths, cfg.per_device_batch_size, acc.num_processes,
                                acc.process_index)
-        total = torch.zeros(len(_SUM_KEYS), dtype=self.sum_dtype, device=acc.device)
+        total = torch.zeros(len(SUM_KEYS), dtype=self.sum_dtype, device=acc.device)
         self.model.eval()
         with torch.no_grad():
             for indices in batches:
@@ -771,7 +789,7 @@ class ORPORecipe:
                 if real:
                     total += batch_sums(out, batch["attention_mask"]).to(self.sum_dtype)
         self.model.train()
-        sums = dict(zip(_SUM_KEYS, acc.reduce(total, reduction="sum").tolist()))
+        sums = dict(zip(SUM_KEYS, acc.reduce(total, reduction="sum").tolist()))
         metrics = metrics_from_sums(sums, cfg.orpo_lambda)
         return {f"eval_{name}": value for name, value in metrics.items()}
 

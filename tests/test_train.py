@@ -8,6 +8,7 @@ preferred, which a 2-layer model does in a few dozen steps.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -274,3 +275,6 @@ def test_bad_inputs_are_clear_errors(tiny_model_dir, toy_dataset, tmp_path):
               toy_dataset, tmp_path / "out")
     with pytest.raises(ConfigError, match="QLoRA needs a CUDA GPU"):
         train(toy_config(tmp_path, tiny_model_dir, lora={"load_in_4bit": True}), toy_dataset, tmp_path / "out")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ConfigError, match="adamw_8bit needs the bitsandbytes package"):
+            train(toy_config(tmp_path, tiny_model_dir, optimizer="adamw_8bit"), toy_dataset, tmp_path / "out")

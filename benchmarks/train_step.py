@@ -1,0 +1,438 @@
+"""Our ORPO training step vs TRL's ORPOTrainer (trl.experimental.orpo), side by side.
+
+    .venv/bin/python benchmarks/train_step.py --quick                 # seq 256, 3 steps, every model
+    .venv/bin/python benchmarks/train_step.py                         # seq 256 and 1024, 6 steps
+    .venv/bin/python benchmarks/train_step.py --device cuda           # also MFU and CUDA peak memory
+    .venv/bin/python benchmarks/train_step.py --models smollm2-lora --seq-lens 1024 --steps 4
+
+Same model, same preference pairs, same batch size (2 pairs = 4 rows) and sequence length, gradient
+checkpointing on for both, fp32 on CPU (bf16 weights and autocast on CUDA), the same LoRA adapter (r 16,
+alpha 32, no dropout: TRL disables dropout). Both optimise the same objective: NLL over prompt + response
+(TRL's, `train.nll_on_prompt=true` for us) plus lambda 0.1 times the odds-ratio term. What differs is how
+the step is computed: TRL pads chosen and rejected of a random batch to one length and materialises the
+(2B, T, V) logits; we batch pairs of similar length (`group_by_length`), pad each row to the batch's
+longest only (to a multiple of 8), and project only the label positions through the output embedding,
+chunk by chunk.
+
+Data: the 805 AlpacaEval instructions with two real answers each (GPT-4 Turbo's as chosen,
+Mistral-ORPO-beta's as rejected, from ../shared/data/alpaca_eval), so lengths vary like real preference
+data. Pairs whose prompt takes more than half the sequence length are dropped, so neither trainer
+truncates a prompt (TRL never does; it truncates responses to max_length - prompt length, like us).
+
+Each (model, trainer, sequence length) runs in its own subprocess with MALLOC_MMAP_THRESHOLD_=1048576, so
+RSS follows live memory instead of glibc's retained heap. The worker loads the model, touches every
+parameter (transformers maps safetensors lazily), reads the baseline RSS, then runs the steps while a
+thread samples RSS every 5 ms. The first step is a warm-up and is not timed. Throughput counts real
+(non-padding) tokens of both chosen and rejected rows; s/step is the median of the timed steps.
+MFU = 6 * parameters * tokens / seconds / peak FLOP/s (Kaplan et al. 2020's 6N FLOPs per token for
+forward + backward; an upper bound for LoRA, whose frozen weights get no weight gradients).
+
+Prints a table and writes benchmarks/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "alpaca_eval"
+RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
+MODELS = ("smollm2-lora", "smollm2-full", "tiny49k-full")
+BATCH_PAIRS = 2
+ORPO_LAMBDA = 0.1
+LEARNING_RATE = 5e-6
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU; override with --peak-tflops.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def preference_rows(limit: int) -> list[dict]:
+    """Real instruction + two real answers, in TRL's conversational layout (also accepted by ours)."""
+    chosen = json.loads((SHARED / "gpt4_1106_preview_outputs.json").read_text(encoding="utf-8"))
+    rejected = {r["instruction"]: r["output"] for r in
+                json.loads((SHARED / "mistral-orpo-beta_outputs.json").read_text(encoding="utf-8"))}
+    rows = []
+    for record in chosen:
+        if record["instruction"] in rejected:
+            rows.append({
+                "prompt": [{"role": "user", "content": record["instruction"]}],
+                "chosen": [{"role": "assistant", "content": record["output"]}],
+                "rejected": [{"role": "assistant", "content": rejected[record["instruction"]]}],
+            })
+    return rows[:limit]
+
+
+def model_dir(name: str, cache: Path) -> Path:
+    """SmolLM2-135M-Instruct (built in), or a 2-layer 64-wide Llama with SmolLM2's 49k vocabulary."""
+    from orpo.models import SMOLLM2, resolve_model
+
+    smollm2 = Path(resolve_model(SMOLLM2).path)
+    if not name.startswith("tiny49k"):
+        return smollm2
+    target = cache / "tiny49k"
+    if not (target / "config.json").is_file():
+        from orpo.models import build_tiny_llama, load_tokenizer
+
+        tokenizer = load_tokenizer(str(smollm2))
+        model, _ = build_tiny_llama(seed=0, vocab_size=len(tokenizer), hidden_size=64, layers=2)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(model.config, key, getattr(tokenizer, key))
+        model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+    return target
+
+
+def keep_short_prompts(rows: list[dict], tokenizer, seq_len: int) -> list[dict]:
+    def prompt_tokens(row) -> int:
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return [row for row in rows if prompt_tokens(row) < seq_len // 2]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring inside a worker
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class RssSampler:
+    """Peak RSS while running, sampled from a thread (ru_maxrss would include the loading peak)."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s, self.peak, self._stop = interval_s, rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def touch_parameters(model) -> None:
+    """Read every parameter once, so lazily mapped weights are resident before the baseline reading."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.sum()
+
+
+def memory_baseline(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    return rss_mb()
+
+
+def summarise(times: list[float], tokens: list[int], padded: list[int], *, device: str, baseline: float,
+              peak_rss: float, params: int, peak_flops: float | None) -> dict:
+    """Per-step times and token counts (warm-up step already dropped) to the reported numbers."""
+    import torch
+
+    seconds = sum(times)
+    result = {
+        "s_per_step": statistics.median(times),
+        "tokens_per_s": sum(tokens) / seconds,
+        "timed_steps": len(times),
+        "real_tokens_per_step": sum(tokens) / len(tokens),
+        "padding_fraction": 1 - sum(tokens) / sum(padded),
+        "baseline_rss_mb": baseline if device == "cpu" else rss_mb(),
+        "peak_rss_mb": peak_rss,
+        "rss_increase_mb": peak_rss - baseline if device == "cpu" else None,
+        "parameters": params,
+    }
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        result.update(cuda_baseline_mb=baseline, cuda_peak_mb=peak, cuda_increase_mb=peak - baseline)
+        if peak_flops:
+            result["mfu"] = 6 * params * sum(tokens) / seconds / peak_flops
+    return result
+
+
+def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
+             peak_flops: float | None) -> dict:
+    import torch
+    from datasets import Dataset, DatasetDict
+
+    from orpo.config import validate_config
+    from orpo.train import SUM_KEYS, ORPORecipe
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ours-"))
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(work / "data"))
+    config = validate_config({
+        "workdir": str(work),
+        "model": {"name_or_path": str(model_path)},
+        "train": {
+            "max_length": seq_len, "max_prompt_length": seq_len // 2, "per_device_batch_size": BATCH_PAIRS,
+            "max_steps": steps, "learning_rate": LEARNING_RATE, "orpo_lambda": ORPO_LAMBDA,
+            "nll_on_prompt": True, "gradient_checkpointing": True,
+            "mixed_precision": "bf16" if device == "cuda" else "no",
+            "logging_steps": 10**6, "lora": {"enabled": lora, "r": 16, "alpha": 32, "dropout": 0.0},
+        },
+    })
+    recipe = ORPORecipe(config, work / "data", work / "out")
+    recipe.setup()
+    model = recipe.accelerator.unwrap_model(recipe.model)
+    touch_parameters(model)
+    baseline = memory_baseline(device)
+    times, tokens, padded = [], [], []
+    recipe.model.train()
+    with RssSampler() as sampler:
+        for _ in range(steps):
+            start = time.perf_counter()
+            stats = recipe.train_step()
+            sums = dict(zip(SUM_KEYS, stats.sums.tolist()))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            tokens.append(int(sums["real_tokens"]))
+            padded.append(int(sums["padded_tokens"]))
+    return summarise(times[1:], tokens[1:], padded[1:], device=device, baseline=baseline, peak_rss=sampler.peak,
+                     params=sum(p.numel() for p in model.parameters()), peak_flops=peak_flops)
+
+
+def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
+            peak_flops: float | None) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    from trl.experimental.utils import DPODataCollatorWithPadding
+
+    from orpo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_path))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    inner = DPODataCollatorWithPadding(pad_token_id=tokenizer.pad_token_id)
+    real_tokens: list[int] = []
+    padded_tokens: list[int] = []
+
+    def recording_collator(features):
+        batch = inner(features)
+        real_tokens.append(int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()))
+        # TRL pads both halves to the longer of the two before its one forward pass.
+        length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+        padded_tokens.append(2 * batch["chosen_input_ids"].shape[0] * length)
+        return batch
+
+    ends: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+    args = ORPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps, per_device_train_batch_size=BATCH_PAIRS,
+        gradient_accumulation_steps=1, learning_rate=LEARNING_RATE, beta=ORPO_LAMBDA, max_length=seq_len,
+        gradient_checkpointing=True, bf16=device == "cuda", use_cpu=device == "cpu", report_to="none",
+        save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, remove_unused_columns=False, seed=0,
+    )
+    peft_config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"]) if lora else None
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          data_collator=recording_collator, peft_config=peft_config, callbacks=[Timer()])
+    touch_parameters(trainer.model)
+    baseline = memory_baseline(device)
+    with RssSampler() as sampler:
+        trainer.train()
+    times = [b - a for a, b in zip(ends, ends[1:])]
+    # The dataloader collates one batch ahead; batch i is still step i's.
+    return summarise(times[1:], real_tokens[1:steps], padded_tokens[1:steps], device=device, baseline=baseline,
+                     peak_rss=sampler.peak, params=sum(p.numel() for p in trainer.model.parameters()),
+                     peak_flops=peak_flops)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    from orpo.models import load_tokenizer
+
+    path = model_dir(args.model, Path(args.cache))
+    tokenizer = load_tokenizer(str(path))
+    rows = keep_short_prompts(preference_rows(args.pairs), tokenizer, args.seq_len)
+    run = run_ours if args.trainer == "ours" else run_trl
+    result = run(path, rows, lora=args.model.endswith("lora"), seq_len=args.seq_len, steps=args.steps,
+                 device=args.device, peak_flops=args.peak_flops)
+    result.update(trainer=args.trainer, model=args.model, seq_len=args.seq_len, pairs_available=len(rows))
+    Path(args.worker_out).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------------
+
+
+def peak_flops_for(device: str, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None) -> dict:
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    command = [sys.executable, __file__, "--worker", "--trainer", trainer, "--model", model,
+               "--seq-len", str(seq_len), "--steps", str(args.steps), "--device", args.device,
+               "--pairs", str(args.pairs), "--cache", str(args.cache), "--worker-out", str(out)]
+    if peak_flops:
+        command += ["--peak-flops", str(peak_flops)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not out.read_text():
+        return {"trainer": trainer, "model": model, "seq_len": seq_len, "error": done.stderr[-3000:]}
+    result = json.loads(out.read_text())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def ratios(ours: dict, trl: dict) -> dict:
+    if "error" in ours or "error" in trl:
+        return {}
+    out = {
+        "throughput_ours_over_trl": ours["tokens_per_s"] / trl["tokens_per_s"],
+        "s_per_step_ours_over_trl": ours["s_per_step"] / trl["s_per_step"],
+        "peak_rss_ours_over_trl": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+    }
+    if ours.get("rss_increase_mb") and trl.get("rss_increase_mb"):
+        out["rss_increase_ours_over_trl"] = ours["rss_increase_mb"] / trl["rss_increase_mb"]
+    if ours.get("cuda_peak_mb") and trl.get("cuda_peak_mb"):
+        out["cuda_peak_ours_over_trl"] = ours["cuda_peak_mb"] / trl["cuda_peak_mb"]
+    return out
+
+
+def print_table(results: list[dict], device: str) -> None:
+    memory = "peak MB (increase)" if device == "cpu" else "CUDA peak MB (increase)"
+    print(f"\n| model | seq | trainer | s/step | tokens/s | padding | {memory} | MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['model']} | {r['seq_len']} | {r['trainer']} | error | | | | |")
+            continue
+        if device == "cpu":
+            mem = f"{r['peak_rss_mb']:.0f} ({r['rss_increase_mb']:.0f})"
+        else:
+            mem = f"{r['cuda_peak_mb']:.0f} ({r['cuda_increase_mb']:.0f})"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        print(f"| {r['model']} | {r['seq_len']} | {r['trainer']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{100 * r['padding_fraction']:.0f}% | {mem} | {mfu} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="seq 256 only, 3 steps (1 warm-up + 2 timed)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="default 256 1024 (--quick: 256)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run incl. 1 warm-up (default 6, quick 3)")
+    parser.add_argument("--pairs", type=int, default=200, help="preference pairs to draw batches from")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "orpo-bench-models")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    # Internal: one measurement in this process.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trainer", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-flops", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    args.seq_lens = args.seq_lens or ([256] if args.quick else [256, 1024])
+    args.steps = args.steps or (3 if args.quick else 6)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is a warm-up)")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    peak_flops = peak_flops_for(args.device, args.peak_tflops)
+    results, comparisons = [], []
+    for seq_len in args.seq_lens:
+        for model in args.models:
+            pair = {}
+            for trainer in ("ours", "trl"):
+                result = run_worker(args, trainer, model, seq_len, peak_flops)
+                results.append(result)
+                pair[trainer] = result
+                status = result.get("error", "").splitlines()[-1:] or [f"{result['s_per_step']:.2f} s/step"]
+                print(f"{model} seq {seq_len} {trainer}: {status[0]}", file=sys.stderr, flush=True)
+            comparisons.append({"model": model, "seq_len": seq_len, **ratios(pair["ours"], pair["trl"])})
+    print_table(results, args.device)
+    print("\n| model | seq | throughput ours/TRL | peak memory ours/TRL | memory increase ours/TRL |")
+    print("|---|---|---|---|---|")
+    for c in comparisons:
+        if "throughput_ours_over_trl" not in c:
+            continue
+        memory = c.get("cuda_peak_ours_over_trl", c["peak_rss_ours_over_trl"])
+        increase = c.get("rss_increase_ours_over_trl")
+        print(f"| {c['model']} | {c['seq_len']} | {c['throughput_ours_over_trl']:.2f}x | {memory:.2f}x | "
+              f"{f'{increase:.2f}x' if increase else '-'} |")
+
+    import torch
+    import transformers
+    import trl
+
+    payload = {
+        "device": args.device,
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                 "transformers": transformers.__version__, "trl": trl.__version__,
+                 "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+        "settings": {"batch_pairs": BATCH_PAIRS, "steps": args.steps, "seq_lens": args.seq_lens,
+                     "pairs": args.pairs, "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
+                     "malloc_mmap_threshold": 1048576},
+        "results": results,
+        "comparisons": comparisons,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
