@@ -95,7 +95,7 @@ def shared_prompt_length(prompt_ids: list[int], *full_ids: list[int]) -> int:
     length = len(prompt_ids)
     for ids in full_ids:
         same = 0
-        for a, b in zip(prompt_ids[:length], ids):
+        for a, b in zip(prompt_ids[:length], ids, strict=False):
             if a != b:
                 break
             same += 1

@@ -109,7 +109,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, logit_scale, logit_softcap):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, logit_scale, logit_softcap):
         compute_dtype = _compute_dtype(weight)
         ctx.compute_dtype = compute_dtype
         ctx.chunk_size = chunk_size
@@ -132,7 +132,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         compute_dtype = ctx.compute_dtype

@@ -34,8 +34,8 @@ _LN2 = math.log(2.0)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, in float32 (float64 stays float64), accurate everywhere (Maechler 2012, "Accurately computing
-    log(1 - exp(-|a|))").
+    """log(1 - exp(x)) for x <= 0, in float32 (float64 stays float64), accurate everywhere
+    (Maechler 2012, "Accurately computing log(1 - exp(-|a|))").
 
     Near 0, 1 - exp(x) cancels catastrophically, so log(-expm1(x)) is used for x > -ln 2; for x <= -ln 2,
     exp(x) is small and log1p(-exp(x)) is exact. Each branch gets an input clamped into its own safe range,

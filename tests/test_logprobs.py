@@ -83,7 +83,7 @@ def test_chunked_equals_full_logits_values_and_gradients(nll_on_prompt, chunk_si
     leaves = [t for t in (hidden, weight, bias) if t is not None]
     got_grads = torch.autograd.grad(_objective(got), leaves)
     want_grads = torch.autograd.grad(_objective(want), leaves)
-    for g, w in zip(got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
@@ -148,7 +148,7 @@ def _compare_model_paths(model, batch, nll_on_prompt, chunk_size, params=None) -
     _objective(chunked).backward()
     for field in ("logps", "nll_sum", "nll_tokens", "completion_tokens"):
         torch.testing.assert_close(getattr(chunked, field), getattr(plain, field), rtol=1e-5, atol=1e-5)
-    for p, g in zip(params, plain_grads):
+    for p, g in zip(params, plain_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)
 
 
@@ -263,7 +263,7 @@ def test_model_path_in_bfloat16_matches_plain_path(tiny_model, mode: str) -> Non
     # bf16 has 8 bits of mantissa; both paths round the same matmul, so they agree far better than that.
     torch.testing.assert_close(chunked.logps, plain.logps, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(chunked.nll_sum, plain.nll_sum, rtol=1e-2, atol=1e-2)
-    for g_chunked, g_plain in zip(chunked_grads, plain_grads):
+    for g_chunked, g_plain in zip(chunked_grads, plain_grads, strict=True):
         assert g_chunked.dtype == g_plain.dtype
         scale = g_plain.float().abs().max().clamp(min=1e-3)
         assert float((g_chunked.float() - g_plain.float()).abs().max() / scale) < 5e-2

@@ -107,10 +107,11 @@ def test_orpo_loss_normalisers_make_micro_batches_add_up_to_the_full_batch() -> 
     whole = loss_fn(full, num_pairs=3).loss
     first = _seq([-0.3], [-0.9], nll_sum=4.0, nll_tokens=3.0)
     second = _seq([-1.2, -2.0], [-0.4, -3.0], nll_sum=6.0, nll_tokens=4.0)
-    parts = sum(loss_fn(s, num_pairs=n, nll_normalizer=7.0, pair_normalizer=3).loss for s, n in ((first, 1), (second, 2)))
+    micro = ((first, 1), (second, 2))
+    parts = sum(loss_fn(s, num_pairs=n, nll_normalizer=7.0, pair_normalizer=3).loss for s, n in micro)
     assert float(parts) == pytest.approx(float(whole), rel=1e-6)
     # Without the normalisers each micro-batch is its own mean (TRL's behaviour), which differs here.
-    local = sum(loss_fn(s, num_pairs=n).loss for s, n in ((first, 1), (second, 2))) / 2
+    local = sum(loss_fn(s, num_pairs=n).loss for s, n in micro) / 2
     assert abs(float(local) - float(whole)) > 1e-3
 
 
@@ -172,17 +173,17 @@ def test_loss_gradients_match_finite_differences_on_tiny_model(nll_on_prompt: bo
     loss().backward()
     generator = torch.Generator().manual_seed(1)
     direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
-    analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, direction))
+    analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, direction, strict=True))
 
     step = 1e-6
     with torch.no_grad():
-        for p, d in zip(params, direction):
+        for p, d in zip(params, direction, strict=True):
             p.add_(step * d)
         plus = float(loss())
-        for p, d in zip(params, direction):
+        for p, d in zip(params, direction, strict=True):
             p.sub_(2 * step * d)
         minus = float(loss())
-        for p, d in zip(params, direction):
+        for p, d in zip(params, direction, strict=True):
             p.add_(step * d)
     numeric = (plus - minus) / (2 * step)
     assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-8)

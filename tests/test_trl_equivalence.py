@@ -98,7 +98,7 @@ def _our_features_from_trl_rows(rows: list[dict]) -> list[dict]:
 def test_tokenization_matches_trl_up_to_its_extra_eos(trl_trainer) -> None:
     trainer, _, tokenizer = trl_trainer
     rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
-    for pair, trl_features in zip(PAIRS, _our_features_from_trl_rows(rows)):
+    for pair, trl_features in zip(PAIRS, _our_features_from_trl_rows(rows), strict=True):
         ours = tokenize_pair(_conversational(*pair), tokenizer, max_length=256, max_prompt_length=128)
         assert ours["prompt_input_ids"] == trl_features["prompt_input_ids"]
         for side in ("chosen_input_ids", "rejected_input_ids"):
