@@ -10,8 +10,10 @@ copied from AlpacaEval/MT-Bench, about 1 GB of JSONL like the real `openbmb/Ultr
 
 Each configuration runs `orpo.data.prepare_dataset` in its own subprocess with
 MALLOC_MMAP_THRESHOLD_=1048576 (so RSS tracks live memory, see /work/shared/BENCHMARKING.md) and reports
-wall time (input hashing, parsing, writing, save_to_disk: everything), records/s, peak RSS and the
-increase over the RSS after imports. A table is printed and JSON written to benchmarks/results/binarize.json.
+wall time (input hashing, parsing, writing, save_to_disk: everything), records/s, CPU seconds of the
+process and its worker processes (on a shared machine wall time also measures the neighbours; CPU time
+does not), peak RSS (the process plus each worker at the largest worker's peak: an upper bound on the
+total) and the main process's increase over its RSS after imports. `/1proc` runs all in one process. A table is printed and JSON written to benchmarks/results/binarize.json.
 Target: argilla + decontamination, 64k records, < 30 s and < 2 GB peak RSS on a 2-core machine.
 """
 
@@ -33,11 +35,12 @@ SHARED = REPO.parent / "shared" / "data"
 EVAL_FILES = [SHARED / "mt_bench" / "question.jsonl", SHARED / "alpaca_eval" / "gpt4_1106_preview_outputs.json"]
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 CONFIGS = {
-    # name: (recipe, decontaminate)
-    "argilla+decon": ("argilla", True),
-    "h4+decon": ("h4", True),
-    "max-min+decon": ("max-min", True),
-    "argilla": ("argilla", False),
+    # name: (recipe, decontaminate, worker processes; None = the default, the CPUs available)
+    "argilla+decon": ("argilla", True, None),
+    "h4+decon": ("h4", True, None),
+    "max-min+decon": ("max-min", True, None),
+    "argilla": ("argilla", False, None),
+    "argilla+decon/1proc": ("argilla", True, 1),
 }
 TARGET_SECONDS = 30.0
 TARGET_PEAK_MB = 2048.0
@@ -132,11 +135,16 @@ class Result:
     config: str
     recipe: str
     decontaminate: bool
+    workers: int
     records: int
     input_mb: float
     seconds: float
     records_per_s: float
-    peak_rss_mb: float
+    cpu_seconds: float  # user + sys of the process and its workers: what contention cannot inflate
+    main_cpu_seconds: float
+    peak_rss_mb: float  # the process, plus every worker at the largest worker's peak (an upper bound)
+    main_peak_rss_mb: float
+    worker_peak_rss_mb: float
     baseline_rss_mb: float
     rss_increase_mb: float
     train: int
@@ -153,21 +161,26 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _peak_rss_mb() -> float:
+def _usage(who: int) -> tuple[float, float]:
+    """(CPU seconds, peak RSS MB) of this process or of its waited-for children."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is in kB on Linux
 
 
 def run_child(config: str, data: Path, out_dir: Path) -> None:
+    import resource
+
     import datasets  # noqa: F401  (imported before the baseline reading, like a real caller)
     import orjson  # noqa: F401
     import pyarrow  # noqa: F401
 
     from orpo.config import DataConfig
     from orpo.data import prepare_dataset
+    from orpo.data.binarize import _worker_count
 
-    recipe, decontaminate = CONFIGS[config]
+    recipe, decontaminate, workers = CONFIGS[config]
     cfg = DataConfig(
         source=str(data),
         recipe=recipe,
@@ -175,18 +188,26 @@ def run_child(config: str, data: Path, out_dir: Path) -> None:
         decontamination_files=[str(p) for p in EVAL_FILES] if decontaminate else [],
     )
     baseline = _rss_mb()
+    cpu_before, _ = _usage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    prepared = prepare_dataset(cfg, out_dir / config, progress=False)
+    prepared = prepare_dataset(cfg, out_dir / config.replace("/", "-"), progress=False, workers=workers)
     seconds = time.perf_counter() - start
-    peak = _peak_rss_mb()
+    cpu_main, main_peak = _usage(resource.RUSAGE_SELF)
+    cpu_workers, worker_peak = _usage(resource.RUSAGE_CHILDREN)
+    count = _worker_count(workers)
+    worker_count = count if count > 1 else 0
+    peak = main_peak + worker_count * worker_peak
     records = prepared.counts["records_in"]
     target = (seconds < TARGET_SECONDS and peak < TARGET_PEAK_MB) if config == "argilla+decon" else None
     result = Result(
-        config=config, recipe=recipe, decontaminate=decontaminate, records=records,
+        config=config, recipe=recipe, decontaminate=decontaminate, workers=max(1, worker_count), records=records,
         input_mb=round(data.stat().st_size / 2**20, 1), seconds=round(seconds, 2),
-        records_per_s=round(records / seconds), peak_rss_mb=round(peak), baseline_rss_mb=round(baseline),
-        rss_increase_mb=round(peak - baseline), train=prepared.counts["train"], test=prepared.counts["test"],
-        dropped=prepared.counts["dropped"], meets_target=target,
+        records_per_s=round(records / seconds), cpu_seconds=round(cpu_main - cpu_before + cpu_workers, 1),
+        main_cpu_seconds=round(cpu_main - cpu_before, 1),
+        peak_rss_mb=round(peak), main_peak_rss_mb=round(main_peak), worker_peak_rss_mb=round(worker_peak),
+        baseline_rss_mb=round(baseline), rss_increase_mb=round(main_peak - baseline),
+        train=prepared.counts["train"], test=prepared.counts["test"], dropped=prepared.counts["dropped"],
+        meets_target=target,
     )
     print("RESULT " + json.dumps(asdict(result)))
 
@@ -216,11 +237,13 @@ def run_parent(args: argparse.Namespace) -> list[Result]:
 
 
 def print_table(results: list[Result]) -> None:
-    header = ("config", "records", "input MB", "seconds", "records/s", "peak RSS MB", "+RSS MB", "train", "test",
-              "dropped", "target")
+    header = ("config", "procs", "records", "input MB", "seconds", "records/s", "CPU s (main)", "peak RSS MB",
+              "main/worker MB", "+RSS MB", "train", "test", "dropped", "target")
     rows = [
-        (r.config, r.records, r.input_mb, r.seconds, r.records_per_s, r.peak_rss_mb, r.rss_increase_mb, r.train,
-         r.test, r.dropped, {True: "met", False: "MISSED", None: ""}[r.meets_target])
+        (r.config, r.workers, r.records, r.input_mb, r.seconds, r.records_per_s,
+         f"{r.cpu_seconds} ({r.main_cpu_seconds})", r.peak_rss_mb,
+         f"{r.main_peak_rss_mb:.0f}/{r.worker_peak_rss_mb:.0f}", r.rss_increase_mb, r.train, r.test, r.dropped,
+         {True: "met", False: "MISSED", None: ""}[r.meets_target])
         for r in results
     ]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
@@ -247,6 +270,7 @@ def main() -> None:
     payload = {
         "benchmark": "binarize",
         "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
         "python": sys.version.split()[0],
         "target": {"config": "argilla+decon", "seconds": TARGET_SECONDS, "peak_rss_mb": TARGET_PEAK_MB},
         "results": [asdict(r) for r in results],

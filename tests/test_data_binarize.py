@@ -65,7 +65,7 @@ def sample_dataset(tmp_path_factory, shared_data):
 def test_sample_schema_and_accounting(sample_dataset):
     from datasets import load_from_disk
 
-    cfg, prepared = sample_dataset
+    _, prepared = sample_dataset
     dataset = load_from_disk(str(prepared.dataset_dir))
     assert set(dataset) == {"train", "test"}
     manifest = manifest_of(prepared)

@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orpo.data.decontaminate import DecontaminationFileError, Decontaminator, load_eval_prompts
+from orpo.data.decontaminate import (
+    DecontaminationFileError,
+    Decontaminator,
+    load_eval_prompts,
+)
 from orpo.data.ultrafeedback import (
     DECONTAMINATED,
     DROP_REASONS,
@@ -54,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when a change in this package changes the output for the same input and options.
-FORMAT_VERSION = "orpo-binarize-2"
+FORMAT_VERSION = "orpo-binarize-3"
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "test")
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
@@ -143,11 +147,14 @@ def input_fingerprint(cfg: DataConfig) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+def _file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    # readinto one reused buffer: a fresh multi-MB bytes object per read costs page faults, not just copies.
     digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with Path(path).open("rb", buffering=0) as handle:
+        while size := handle.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 
@@ -229,16 +236,18 @@ def _count_lines(path: Path, start: int, end: int) -> int:
     """Lines in a byte range that starts at a line start (a last line without newline counts too)."""
     count = 0
     last = b"\n"
-    with open(path, "rb") as handle:
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
         handle.seek(start)
         remaining = end - start
         while remaining > 0:
-            block = handle.read(min(remaining, 1 << 22))
-            if not block:
+            size = handle.readinto(view[: min(remaining, len(buffer))])
+            if not size:
                 break
-            count += block.count(b"\n")
-            last = block[-1:]
-            remaining -= len(block)
+            count += buffer.count(b"\n", 0, size)
+            last = bytes(buffer[size - 1 : size])
+            remaining -= size
     return count + (last != b"\n")
 
 
@@ -396,10 +405,10 @@ class _SplitWriter:
         self.count = 0
         self.digest = hashlib.sha256()
 
-    def add(self, pair: Pair) -> None:
+    def add(self, pair: Pair, digest: bytes) -> None:
         self._pairs.append(pair)
         self.count += 1
-        self.digest.update(_pair_bytes(pair))
+        self.digest.update(digest)
         if len(self._pairs) >= WRITE_BATCH_ROWS:
             self.flush()
 
@@ -443,15 +452,23 @@ def _record_batch(pa, schema, pairs: list[Pair]):
     return pa.RecordBatch.from_arrays([columns[name] for name in schema.names], schema=schema)
 
 
-def _pair_bytes(pair: Pair) -> bytes:
-    """A library-independent encoding of a pair for the output fingerprint (length-prefixed UTF-8)."""
+def pair_digest(pair: Pair) -> bytes:
+    """sha256 of a library-independent encoding of a pair (length-prefixed UTF-8 fields, float64 scores).
+
+    The output fingerprint hashes these digests in output order, so it depends on content and order only.
+    """
     parts = []
     for value in (pair.prompt, pair.chosen, pair.rejected, pair.source, pair.chosen_model, pair.rejected_model):
         encoded = value.encode("utf-8")
         parts.append(struct.pack("<Q", len(encoded)))
         parts.append(encoded)
     parts.append(struct.pack("<dd", pair.score_chosen, pair.score_rejected))
-    return b"".join(parts)
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+def dedupe_key(prompt: str) -> bytes:
+    """Prompts equal up to whitespace are the same prompt."""
+    return hashlib.sha256(" ".join(prompt.split()).encode("utf-8")).digest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,6 +551,8 @@ class Outcome:
     non_numeric_ratings: int = 0
     non_numeric_overall: int = 0
     prebinarized: bool = False
+    digest: bytes = b""  # pair_digest, computed where the pair is made (in the workers when there are any)
+    dedupe_key: bytes = b""
 
 
 class RecordProcessor:
@@ -555,6 +574,10 @@ class RecordProcessor:
                 if hit is not None:
                     outcome.pair = None
                     outcome.reason, outcome.field, outcome.detail = DECONTAMINATED, hit.rule, hit.matched
+        for outcome in outcomes:
+            if outcome.pair is not None:
+                outcome.digest = pair_digest(outcome.pair)
+                outcome.dedupe_key = dedupe_key(outcome.pair.prompt)
         return outcomes
 
     def _one(self, item: RawItem) -> Outcome:
@@ -647,13 +670,14 @@ class _WorkerPool:
         package_root = str(Path(orpo.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         for _ in range(self.workers):
-            proc = subprocess.Popen(
+            self._procs.append(subprocess.Popen(
                 [sys.executable, "-c", "from orpo.data.binarize import _worker_main; _worker_main()"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-            )
+            ))
+        # Start them all before sending: a send blocks until that worker has started and reads it.
+        for proc in self._procs:
             pickle.dump(self.processor, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             proc.stdin.flush()
-            self._procs.append(proc)
 
     def outcomes(self, path: Path) -> Iterator[tuple[list[Outcome], int]]:
         import pickle
@@ -797,7 +821,7 @@ class _Binarizer:
         self.seen: set[bytes] = set()
         schema = output_features().arrow_schema
         self.writers = {split: _SplitWriter(staging / f"{split}.arrow", schema) for split in SPLITS}
-        self._pending: list[Pair] = []
+        self._pending: list[Outcome] = []
 
     def consume(self, outcomes: list[Outcome]) -> None:
         tally = self.tally
@@ -807,7 +831,7 @@ class _Binarizer:
             tally.non_numeric_overall_scores += outcome.non_numeric_overall
             tally.prebinarized_records += outcome.prebinarized
             if outcome.pair is not None:
-                self._pending.append(outcome.pair)
+                self._pending.append(outcome)
                 continue
             if outcome.reason == MALFORMED:
                 if self.cfg.on_error == "fail":
@@ -829,21 +853,20 @@ class _Binarizer:
     def flush(self) -> None:
         """Length-filter, dedupe and split the pending pairs, length first: a too long first copy of a
         prompt does not block a later one that fits."""
-        pairs, self._pending = self._pending, []
+        pending, self._pending = self._pending, []
+        pairs = [outcome.pair for outcome in pending]
         too_long = self.length_limit.too_long(pairs) if self.length_limit else [False] * len(pairs)
-        for pair, long in zip(pairs, too_long):
+        for outcome, pair, long in zip(pending, pairs, too_long):
             if long:
                 self.tally.dropped[TOO_LONG] += 1
                 continue
             if self.cfg.dedupe:
-                # Whitespace differences do not make a different prompt.
-                key = hashlib.sha256(" ".join(pair.prompt.split()).encode("utf-8")).digest()
-                if key in self.seen:
+                if outcome.dedupe_key in self.seen:
                     self.tally.dropped[DUPLICATE] += 1
                     continue
-                self.seen.add(key)
+                self.seen.add(outcome.dedupe_key)
             split = "test" if is_test(pair.prompt_id, self.cfg.test_size) else "train"
-            self.writers[split].add(pair)
+            self.writers[split].add(pair, outcome.digest)
 
     def close(self) -> None:
         self.flush()
