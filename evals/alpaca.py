@@ -93,7 +93,7 @@ def parse_preference(completion: str | None) -> int | None:
         return None
     try:
         parsed = regex_parser(completion, dict(OUTPUTS_TO_MATCH))
-    except Exception:  # the parser raises on odd input; that is an unparseable judgment
+    except Exception:  # noqa: BLE001 - the parser raises on odd input; that is an unparseable judgment
         return None
     return int(parsed[0]) if parsed else None
 

@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -40,16 +39,16 @@ def _fail(message: str) -> None:
 def run(
     model: str = typer.Option(..., "--model", "-m", help="Model directory, LoRA adapter directory, models:/ URI, "
                               "hub id or builtin:..."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config; defaults apply when omitted."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="Comma-separated: alpaca,mtbench,diversity,"
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config; defaults apply when omitted."),
+    suite: str | None = typer.Option(None, "--suite", help="Comma-separated: alpaca,mtbench,diversity,"
                                         "preference,lm-eval (default: eval.suites)."),
-    dataset_dir: Optional[Path] = typer.Option(None, "--dataset-dir", help="Binarized dataset (test split) for "
+    dataset_dir: Path | None = typer.Option(None, "--dataset-dir", help="Binarized dataset (test split) for "
                                                "the preference suite."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model for the preference comparison."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report directory (default: <workdir>/eval/<model>)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Seeded subset: this many AlpacaEval instructions, "
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model for the preference comparison."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report directory (default: <workdir>/eval/<model>)."),
+    limit: int | None = typer.Option(None, "--limit", help="Seeded subset: this many AlpacaEval instructions, "
                                         "MT-Bench questions and preference pairs."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides, e.g. eval.judge.kind=openai."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. eval.judge.kind=openai."),
 ) -> None:
     """Generate, judge and score a model; writes report.json, report.md and PNG charts."""
     from orpo.config import ConfigError, load_config
@@ -76,9 +75,9 @@ def run(
 @app.command("alpaca-metrics")
 def alpaca_metrics_command(
     annotations: Path = typer.Option(..., "--annotations", "-a", help="AlpacaEval annotations JSON of one model."),
-    glm_weights: Optional[Path] = typer.Option(None, "--glm-weights", help="Published LC GLM weights csv "
+    glm_weights: Path | None = typer.Option(None, "--glm-weights", help="Published LC GLM weights csv "
                                                "(reproduces a leaderboard model's LC win rate offline)."),
-    df_gamed: Optional[Path] = typer.Option(None, "--df-gamed", help="alpaca_eval's df_gamed.csv: fit the full "
+    df_gamed: Path | None = typer.Option(None, "--df-gamed", help="alpaca_eval's df_gamed.csv: fit the full "
                                             "length_controlled_v1 GLM."),
 ) -> None:
     """Print AlpacaEval's leaderboard metrics of an annotations file as JSON."""
@@ -97,9 +96,9 @@ def alpaca_metrics_command(
 @app.command("mt-bench-score")
 def mt_bench_score_command(
     judgments: Path = typer.Option(..., "--judgments", "-j", help="FastChat single-grading judgment JSONL."),
-    questions: Optional[Path] = typer.Option(None, "--questions", "-q", help="FastChat question.jsonl, for "
+    questions: Path | None = typer.Option(None, "--questions", "-q", help="FastChat question.jsonl, for "
                                              "per-category scores."),
-    chart: Optional[Path] = typer.Option(None, "--chart", help="Also write a radar chart PNG here."),
+    chart: Path | None = typer.Option(None, "--chart", help="Also write a radar chart PNG here."),
 ) -> None:
     """Print MT-Bench scores (overall, per turn, per category, per model) of a FastChat judgment file as JSON."""
     from evals.mt_bench import mt_bench_scores, radar_chart

@@ -222,9 +222,8 @@ class OpenAIJudge:
         import httpx
 
         del prefill  # chat-completions has no assistant prefill; the judge answers in full
-        with httpx.Client(timeout=self.timeout_s) as client:
-            with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-                return list(pool.map(lambda messages: self._one(client, messages), prompts))
+        with httpx.Client(timeout=self.timeout_s) as client, ThreadPoolExecutor(self.max_concurrency) as pool:
+            return list(pool.map(lambda messages: self._one(client, messages), prompts))
 
 
 class HFJudge:
@@ -256,8 +255,11 @@ class HFJudge:
         from orpo.config import ModelConfig
         from orpo.models import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=spec))
-        return cls(model, tokenizer, name=spec, **kwargs)
+        from evals.run import default_device
+
+        device = default_device()
+        model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path=spec), device_type=device)
+        return cls(model.to(device).eval(), tokenizer, name=spec, **kwargs)
 
     def complete(self, prompts: Sequence[Sequence[Message]], *, prefill: str | None = None) -> list[str | None]:
         from evals.generate import generate, render_prompts
@@ -309,10 +311,11 @@ class HFJudge:
             for row, ids in enumerate(batch):
                 input_ids[row, width - len(ids) :] = torch.tensor(ids)
                 mask[row, width - len(ids) :] = 1
+            device = next(self._model.parameters()).device
             with torch.inference_mode():
                 out = self._model.generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
+                    input_ids=input_ids.to(device),
+                    attention_mask=mask.to(device),
                     max_new_tokens=min(self.max_new_tokens, 16),
                     do_sample=False,
                     pad_token_id=pad_id,
@@ -345,9 +348,10 @@ class HFJudge:
             for r, row in enumerate(rows):
                 input_ids[r, : len(row)] = torch.tensor(row)
                 mask[r, : len(row)] = 1
+            device = next(self._model.parameters()).device
             with torch.inference_mode():
-                logits = self._model(input_ids=input_ids, attention_mask=mask).logits.float()
-            logps = torch.log_softmax(logits, dim=-1)
+                logits = self._model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logps = torch.log_softmax(logits, dim=-1).cpu()
             totals = []
             for r, opt in enumerate(option_ids):
                 positions = range(len(ids) - 1, len(ids) - 1 + len(opt))

@@ -58,10 +58,19 @@ def _resolve(spec: str, config: PipelineConfig) -> str:
     return resolve_model(spec, config.model.cache_dir, config.model.revision).path
 
 
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _load(config: PipelineConfig, spec: str):
+    """Load a model for inference on the best device here (a GPU when there is one)."""
     from orpo.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(config.model, path=_resolve(spec, config))
+    device = default_device()
+    model, tokenizer = load_model_and_tokenizer(config.model, device_type=device, path=_resolve(spec, config))
+    return model.to(device).eval(), tokenizer
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -143,7 +152,11 @@ class _Evaluation:
     def run_mtbench(self) -> None:
         from evals.generate import generate_mt_bench_answers, write_jsonl
         from evals.mt_bench import grade_answers, mt_bench_scores, radar_chart
-        from evals.sources import load_judge_prompts, load_mt_bench_questions, load_reference_answers
+        from evals.sources import (
+            load_judge_prompts,
+            load_mt_bench_questions,
+            load_reference_answers,
+        )
 
         questions = load_mt_bench_questions(self.ev.mt_bench_questions, limit=self.ev.mt_bench_limit,
                                             seed=self.ev.seed)

@@ -66,10 +66,10 @@ def test_lc_weights_exclude_the_model_itself(shared_data):
 
 
 def test_minimal_glm_runs_offline_and_writes_nothing_to_site_packages(shared_data, monkeypatch):
+    from pathlib import Path
+
     import alpaca_eval
     import huggingface_hub
-
-    from pathlib import Path
 
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub must not be contacted")

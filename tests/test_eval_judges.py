@@ -78,8 +78,8 @@ class _Server:
 
 
 def _judge(url, tmp_path, **kwargs):
-    options = dict(base_url=url, model="judge-x", api_key=SECRET, max_concurrency=3, timeout_s=5,
-                   max_retries=6, cache_dir=tmp_path / "cache", backoff_base_s=0.001, backoff_cap_s=0.01)
+    options = {"base_url": url, "model": "judge-x", "api_key": SECRET, "max_concurrency": 3, "timeout_s": 5,
+               "max_retries": 6, "cache_dir": tmp_path / "cache", "backoff_base_s": 0.001, "backoff_cap_s": 0.01}
     options.update(kwargs)
     return OpenAIJudge(**options)
 

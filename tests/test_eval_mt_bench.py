@@ -11,8 +11,18 @@ from typer.testing import CliRunner
 import evals.generate as generate_module
 from evals.cli import app
 from evals.generate import MT_BENCH_TEMPERATURES, generate_mt_bench_answers
-from evals.mt_bench import grade_answers, grading_prompts, mt_bench_scores, parse_rating, radar_chart
-from evals.sources import load_judge_prompts, load_mt_bench_questions, load_reference_answers
+from evals.mt_bench import (
+    grade_answers,
+    grading_prompts,
+    mt_bench_scores,
+    parse_rating,
+    radar_chart,
+)
+from evals.sources import (
+    load_judge_prompts,
+    load_mt_bench_questions,
+    load_reference_answers,
+)
 
 SAMPLE_QUESTIONS = "data/samples/eval/mt_bench_questions.jsonl"
 

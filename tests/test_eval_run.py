@@ -65,8 +65,8 @@ def test_lm_eval_local_task_on_in_memory_model(tiny_model_and_tokenizer, tmp_pat
 def test_evaluate_model_end_to_end_with_hf_judge(tiny_model_dir, tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from orpo.config import load_config
     from evals.run import evaluate_model
+    from orpo.config import load_config
 
     dataset_dir = tmp_path / "dataset"
     DatasetDict({"train": Dataset.from_list(PAIRS), "test": Dataset.from_list(PAIRS)}).save_to_disk(str(dataset_dir))
@@ -120,3 +120,23 @@ def test_cli_help_is_fast_and_lists_commands():
         [sys.executable, "-c", "import sys, evals.cli; print(' '.join(sys.modules))"],
         capture_output=True, text=True, check=True).stdout.split()
     assert time.perf_counter() - start < 30
+
+
+def test_cli_run_diversity_suite(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from evals.cli import app
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(tiny_model_dir), "--suite", "diversity", "--out", str(out), "--limit", "4",
+        f"workdir={tmp_path}", "eval.alpaca_source=data/samples/eval/alpaca_eval_sample.json",
+        "eval.diversity_prompts=2", "eval.diversity_samples=2", "eval.max_new_tokens=6",
+    ])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert set(metrics) == {"diversity/distinct_1", "diversity/distinct_2", "diversity/self_bleu"}
+    samples = json.loads((out / "diversity_samples.json").read_text())
+    assert len(samples) == 2 and all(len(s["samples"]) == 2 for s in samples)
+    bad = CliRunner().invoke(app, ["run", "--model", str(tiny_model_dir), "--suite", "nonsense"])
+    assert bad.exit_code == 2 and "eval.suites" in bad.output
