@@ -68,7 +68,7 @@ WRITE_BATCH_ROWS = 1000
 # Local JSONL files this large are parsed by worker processes, in chunks of this size.
 PARALLEL_MIN_BYTES = 64 << 20
 PARALLEL_CHUNK_BYTES = 8 << 20
-MAX_AUTO_WORKERS = 8
+MAX_AUTO_WORKERS = 4  # each worker holds ~170 MB; more rarely pays on this I/O-and-parse load
 
 # Hub datasets and the splits that hold their records (the binarized ones are re-split by our hash).
 HUB_SPLITS = {
@@ -88,7 +88,7 @@ class PreparedDataset:
 
     dataset_dir: Path  # DatasetDict saved with save_to_disk (splits train, test)
     manifest_path: Path  # dataset_dir / "manifest.json"
-    fingerprint: str  # sha256 hex of the output rows, split by split
+    fingerprint: str  # sha256 hex over the output pairs' content digests, train then test
     input_fingerprint: str  # sha256 of the input file(s) content, or of hub id + revision
     counts: dict[str, int]  # records_in, pairs, train, test, dropped (total)
 
@@ -347,7 +347,13 @@ def iter_hub(source: str, revision: str | None) -> Iterator[RawItem]:
     from datasets import load_dataset
 
     for split in HUB_SPLITS.get(source, ("train",)):
-        stream = load_dataset(source, split=split, revision=revision, streaming=True)
+        try:
+            stream = load_dataset(source, split=split, revision=revision, streaming=True)
+        except Exception as exc:  # re-raised with what was tried
+            raise DataPreparationError(
+                f"data source {source!r} is not a local file or directory, and loading it as a hub dataset "
+                f"(split {split!r}) failed: {exc}"
+            ) from exc
         for index, data in enumerate(stream):
             yield RawItem(f"{source}@{revision or 'main'} [{split} {index}]", 0, data, None, 0)
 
@@ -1097,7 +1103,7 @@ def prepare_dataset(
     `tokenizer` is used for the length limits; without it `cfg.tokenizer` is loaded. The result is
     reused when `out_dir` holds a complete dataset with the same key (input fingerprint, options, seed,
     evaluation files) and tokenizer. `workers` processes parse local JSONL files of 64 MB and more
-    (default: the CPUs available, at most 8, or $ORPO_DATA_WORKERS; 1 = all in this process); the
+    (default: the CPUs available, at most 4, or $ORPO_DATA_WORKERS; 1 = all in this process); the
     output does not depend on it.
     """
     out_dir = Path(out_dir)
