@@ -372,3 +372,19 @@ def test_round_trip_through_trl_layout_and_project_collator(sample_dataset, tiny
     assert batch["completion_mask"].sum(dim=1).min() > 0  # every row has response tokens
     decoded = tokenizer.decode(features[0]["chosen_input_ids"])
     assert test[0]["chosen"][1]["content"] in decoded
+
+
+def test_dedupe_ignores_whitespace_and_keeps_the_first(tmp_path):
+    from datasets import load_from_disk
+
+    base = sample_records()[0]
+    variants = [base["instruction"], f"  {base['instruction']}", base["instruction"].replace(" ", "\t", 1)]
+    records = [{**base, "instruction": prompt} for prompt in variants]
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    deduped = prepare_dataset(config(source, decontaminate=False), tmp_path / "on", progress=False)
+    assert (manifest_of(deduped)["dropped"]["duplicate"], deduped.counts["pairs"]) == (2, 1)
+    dataset = load_from_disk(str(deduped.dataset_dir))
+    kept = [row["prompt"] for split in ("train", "test") for row in dataset[split]]
+    assert kept == [variants[0]]
+    kept_all = prepare_dataset(config(source, decontaminate=False, dedupe=False), tmp_path / "off", progress=False)
+    assert kept_all.counts["pairs"] == 3

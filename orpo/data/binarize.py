@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import sys
@@ -472,8 +473,13 @@ def pair_digest(pair: Pair) -> bytes:
     return hashlib.sha256(b"".join(parts)).digest()
 
 
-def dedupe_key(prompt: str) -> bytes:
-    """Prompts equal up to whitespace are the same prompt."""
+_IRREGULAR_SPACE = re.compile(r"\s\s|[^\S ]|^\s|\s$")
+
+
+def dedupe_key(prompt: str, prompt_id: str | None = None) -> bytes:
+    """Prompts equal up to whitespace are the same prompt: sha256 of the whitespace-normalized prompt."""
+    if prompt_id is not None and not _IRREGULAR_SPACE.search(prompt):
+        return bytes.fromhex(prompt_id)  # already normalized, so its hash is the prompt_id
     return hashlib.sha256(" ".join(prompt.split()).encode("utf-8")).digest()
 
 
@@ -583,7 +589,7 @@ class RecordProcessor:
         for outcome in outcomes:
             if outcome.pair is not None:
                 outcome.digest = pair_digest(outcome.pair)
-                outcome.dedupe_key = dedupe_key(outcome.pair.prompt)
+                outcome.dedupe_key = dedupe_key(outcome.pair.prompt, outcome.pair.prompt_id)
         return outcomes
 
     def _one(self, item: RawItem) -> Outcome:
