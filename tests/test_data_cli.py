@@ -60,3 +60,15 @@ def test_invalid_option_value_exits_2(tmp_path):
                                  str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "test_size" in result.output
+
+
+def test_default_output_is_under_the_config_workdir(tmp_path):
+    from orpo.config import load_config
+    from orpo.data import dataset_key
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"workdir: {tmp_path / 'work'}\ndata:\n  source: {SAMPLE}\n  decontaminate: false\n")
+    result = runner.invoke(app, ["binarize", "--config", str(config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    key = dataset_key(load_config(config).data)
+    assert (tmp_path / "work" / "data" / key / "manifest.json").is_file()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -50,15 +50,17 @@ def _group() -> None:
 
 
 def _data_config(config: Path | None, overrides: dict[str, Any]):
-    """The config file's data section (or the defaults) with the flags that were given applied, validated."""
+    """(data config, workdir): the config file's data section (or the defaults) with the flags that were
+    given applied, validated; and where datasets go by default."""
     from pydantic import ValidationError
 
     from orpo.config import ConfigError, DataConfig, load_config
 
     try:
-        base = load_config(config).data if config is not None else DataConfig()
+        pipeline = load_config(config) if config is not None else None
+        base = pipeline.data if pipeline is not None else DataConfig()
         merged = {**base.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
-        return DataConfig.model_validate(merged)
+        return DataConfig.model_validate(merged), Path(pipeline.workdir if pipeline is not None else "runs")
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -93,7 +95,7 @@ def binarize(
     ),
     recipe: RecipeChoice | None = typer.Option(None, "--recipe", "-r", help="How chosen/rejected are picked."),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Output dataset directory (default: data.output_dir, else runs/data/<key>)."
+        None, "--out", "-o", help="Output dataset directory (default: data.output_dir, else <workdir>/data/<key>)."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for the random rejected completion."),
     test_size: float | None = typer.Option(None, "--test-size", help="Share of prompts in the test split."),
@@ -124,7 +126,7 @@ def binarize(
     from orpo.data.decontaminate import DecontaminationFileError
     from orpo.data.ultrafeedback import MalformedRecordError
 
-    cfg = _data_config(
+    cfg, workdir = _data_config(
         config,
         {
             "source": source,
@@ -144,7 +146,7 @@ def binarize(
         },
     )
     try:
-        target = Path(cfg.output_dir) if cfg.output_dir else Path("runs") / "data" / dataset_key(cfg)
+        target = Path(cfg.output_dir) if cfg.output_dir else workdir / "data" / dataset_key(cfg)
         prepared = prepare_dataset(cfg, target, progress=progress)
     except (MalformedRecordError, DataPreparationError, DecontaminationFileError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
