@@ -13,7 +13,8 @@ MALLOC_MMAP_THRESHOLD_=1048576 (so RSS tracks live memory, see /work/shared/BENC
 wall time (input hashing, parsing, writing, save_to_disk: everything), records/s, CPU seconds of the
 process and its worker processes (on a shared machine wall time also measures the neighbours; CPU time
 does not), peak RSS (the process plus each worker at the largest worker's peak: an upper bound on the
-total) and the main process's increase over its RSS after imports. `/1proc` runs all in one process. A table is printed and JSON written to benchmarks/results/binarize.json.
+total) and the main process's increase over its RSS after imports. `/1proc` runs all in one process.
+A table is printed and JSON written to benchmarks/results/binarize.json.
 Target: argilla + decontamination, 64k records, < 30 s and < 2 GB peak RSS on a 2-core machine.
 """
 
@@ -77,7 +78,7 @@ def _completion(rng: random.Random, corpus: str, index: int, tie: bool, na: bool
     if na:
         ratings[1] = "N/A"
     annotations = {}
-    for aspect, rating in zip(ASPECTS, ratings):
+    for aspect, rating in zip(ASPECTS, ratings, strict=True):
         entry = {"Rating": rating, "Rationale": _slice(rng, corpus, rng.randint(150, 450))}
         if aspect in ("helpfulness", "truthfulness"):
             entry["Rationale For Rating"] = _slice(rng, corpus, rng.randint(150, 450))
@@ -246,9 +247,9 @@ def print_table(results: list[Result]) -> None:
          {True: "met", False: "MISSED", None: ""}[r.meets_target])
         for r in results
     ]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
     for row in (header, *rows):
-        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=True)))
 
 
 def main() -> None:

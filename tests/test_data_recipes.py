@@ -32,7 +32,7 @@ from orpo.data.ultrafeedback import (
 def completion(response: str, ratings=(5, 5, 5, 5), overall: float | None = 8.0, model: str = "m", fine=None) -> dict:
     aspects = ("instruction_following", "honesty", "truthfulness", "helpfulness")
     entry = {
-        "annotations": {a: {"Rating": str(r), "Rationale": "because"} for a, r in zip(aspects, ratings)},
+        "annotations": {a: {"Rating": str(r), "Rationale": "because"} for a, r in zip(aspects, ratings, strict=True)},
         "critique": "ok",
         "custom_system_prompt": "",
         "model": model,
@@ -263,7 +263,9 @@ def test_non_ascii_text_and_prompt_id():
     row = pair.to_row()
     assert row["prompt"] == prompt
     assert row["prompt_id"] == hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-    assert row["chosen"] == [{"content": prompt, "role": "user"}, {"content": "Reykjavík — 레이캬비크", "role": "assistant"}]
+    assert row["chosen"] == [
+        {"content": prompt, "role": "user"}, {"content": "Reykjavík — 레이캬비크", "role": "assistant"}
+    ]
     assert row["rejected"][1] == {"content": "Oslo", "role": "assistant"}
 
 

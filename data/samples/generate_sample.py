@@ -78,7 +78,8 @@ DEFINITIONS = [
     ("a prime number", "a whole number greater than 1 whose only divisors are 1 and itself",
      "any number that can be divided by 2"),
     ("evaporation", "the change of a liquid into a gas", "the freezing of water into ice"),
-    ("a mammal", "a warm-blooded animal that has hair and feeds its young with milk", "a cold-blooded animal with scales"),
+    ("a mammal", "a warm-blooded animal that has hair and feeds its young with milk",
+     "a cold-blooded animal with scales"),
     ("democracy", "a system of government in which citizens choose their leaders by voting",
      "rule by a single king who inherits power"),
     ("an atom", "the smallest unit of a chemical element", "a large group of planets"),
@@ -98,7 +99,8 @@ DEFINITIONS = [
     ("a habitat", "the natural home of an animal or plant", "a tool used to measure rainfall"),
     ("erosion", "the wearing away of land by water, wind or ice", "the growth of new mountains overnight"),
     ("a calorie", "a unit of energy, often used for the energy in food", "a unit of length"),
-    ("a vaccine", "a substance that trains the immune system to fight a disease", "a medicine that cures every illness"),
+    ("a vaccine", "a substance that trains the immune system to fight a disease",
+     "a medicine that cures every illness"),
     ("osmosis", "the movement of water through a membrane from low to high solute concentration",
      "the melting of metal in a furnace"),
     ("a haiku", "a short Japanese poem with three lines of five, seven and five syllables",
@@ -419,7 +421,7 @@ def build_records(seed: int = DEFAULT_SEED, records: int = 300) -> list[dict]:
         _set_rating(record["completions"][1], "truthfulness", "N/A")
         out.append(record)
     # Empty and whitespace-only responses: never chosen or rejected.
-    for item, blank in zip(special[12:14], ["", "   \n"]):
+    for item, blank in zip(special[12:14], ["", "   \n"], strict=True):
         record = _record(rng, Item(f"Answer briefly: {item.prompt}", item.correct, item.wrong, item.topic),
                          ["good", "empty", "empty", "wrong"])
         for completion in record["completions"]:

@@ -439,8 +439,8 @@ def _record_batch(pa, schema, pairs: list[Pair]):
     offsets = pa.array(range(0, 2 * n + 1, 2), type=pa.int32())
 
     def messages(column: str, responses: list[str]):
-        contents = pa.array([text for pair, response in zip(pairs, responses) for text in (pair.prompt, response)],
-                            type=pa.string())
+        interleaved = [text for pair, answer in zip(pairs, responses, strict=True) for text in (pair.prompt, answer)]
+        contents = pa.array(interleaved, type=pa.string())
         list_type = schema.field(column).type
         struct = pa.StructArray.from_arrays([contents, roles], fields=list(list_type.value_type))
         return pa.ListArray.from_arrays(offsets, struct, type=list_type)
@@ -502,8 +502,8 @@ class LengthLimit:
         prompt_texts = self._render(users, generation_prompt=True)
         texts = prompt_texts
         if self.max_length is not None:
-            chosen = [u + [{"role": "assistant", "content": p.chosen}] for u, p in zip(users, pairs)]
-            rejected = [u + [{"role": "assistant", "content": p.rejected}] for u, p in zip(users, pairs)]
+            chosen = [u + [{"role": "assistant", "content": p.chosen}] for u, p in zip(users, pairs, strict=True)]
+            rejected = [u + [{"role": "assistant", "content": p.rejected}] for u, p in zip(users, pairs, strict=True)]
             texts = prompt_texts + self._render(chosen) + self._render(rejected)
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         n = len(pairs)
@@ -582,7 +582,7 @@ class RecordProcessor:
         if self.decontaminator is not None:
             paired = [o for o in outcomes if o.pair is not None]
             hits = self.decontaminator.check_many([o.pair.prompt for o in paired], [o.pair.source for o in paired])
-            for outcome, hit in zip(paired, hits):
+            for outcome, hit in zip(paired, hits, strict=True):
                 if hit is not None:
                     outcome.pair = None
                     outcome.reason, outcome.field, outcome.detail = DECONTAMINATED, hit.rule, hit.matched
@@ -652,7 +652,7 @@ def _line_aligned_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
             if handle.tell() >= size:
                 break
             starts.append(handle.tell())
-    return list(zip(starts, starts[1:] + [size]))
+    return list(zip(starts, starts[1:] + [size], strict=True))
 
 
 class _WorkerPool:
@@ -868,7 +868,7 @@ class _Binarizer:
         pending, self._pending = self._pending, []
         pairs = [outcome.pair for outcome in pending]
         too_long = self.length_limit.too_long(pairs) if self.length_limit else [False] * len(pairs)
-        for outcome, pair, long in zip(pending, pairs, too_long):
+        for outcome, pair, long in zip(pending, pairs, too_long, strict=True):
             if long:
                 self.tally.dropped[TOO_LONG] += 1
                 continue
@@ -1003,7 +1003,7 @@ def _export(dataset_dir: Path, fmt: str) -> list[str]:
         else:
             with path.open("w", encoding="utf-8", newline="\n") as handle:
                 for batch in dataset[split].iter(batch_size=WRITE_BATCH_ROWS):
-                    for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+                    for row in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)):
                         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         written.append(path.relative_to(dataset_dir).as_posix())
     return written
