@@ -271,7 +271,7 @@ def main() -> None:
     payload = {
         "benchmark": "binarize",
         "cpus": os.cpu_count(),
-        "load_average_before": os.getloadavg(),
+        "load_average_at_end": os.getloadavg(),  # 1, 5, 15 min: how shared the machine was
         "python": sys.version.split()[0],
         "target": {"config": "argilla+decon", "seconds": TARGET_SECONDS, "peak_rss_mb": TARGET_PEAK_MB},
         "results": [asdict(r) for r in results],
