@@ -425,7 +425,8 @@ def register_training_run(
     tags = lineage_tags(export, train_config, manifest)
     run_id = _training_run_id(client, config, export)
 
-    with mlflow.start_run(run_id=run_id) as run:
+    # A new run is named after the training output directory, so runs are recognisable in the UI.
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else export.train_dir.name) as run:
         run_id = run.info.run_id
         tags["training_run_id"] = run_id
         mlflow.set_tags({**tags, "orpo.kind": "training"})

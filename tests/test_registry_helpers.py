@@ -76,7 +76,7 @@ def make_train_dir(
     tokenizer.save_pretrained(model_dir)
 
     config = PipelineConfig.model_validate(
-        {"model": {"name_or_path": "builtin:tiny-llama"}, "train": {"orpo_lambda": 0.1 + 0.05 * seed,
+        {"model": {"name_or_path": "builtin:tiny-llama"}, "train": {"orpo_lambda": round(0.1 + 0.05 * seed, 4),
                                                                     "lora": {"enabled": lora}}}
     )
     dump_config(config, model_dir / "orpo_config.yaml")
