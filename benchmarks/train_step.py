@@ -284,6 +284,8 @@ def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, ste
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     torch.manual_seed(0)
     from orpo.models import load_tokenizer
 
@@ -320,7 +322,8 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
                "--pairs", str(args.pairs), "--cache", str(args.cache), "--worker-out", str(out)]
     if peak_flops:
         command += ["--peak-flops", str(peak_flops)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
+    env = {**os.environ, **threads, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -372,6 +375,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per run incl. 1 warm-up (default 6, quick 3)")
     parser.add_argument("--pairs", type=int, default=200, help="preference pairs to draw batches from")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads per worker (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "orpo-bench-models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     # Internal: one measurement in this process.
@@ -423,7 +428,7 @@ def main() -> None:
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
                  "transformers": transformers.__version__, "trl": trl.__version__,
                  "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
-        "settings": {"batch_pairs": BATCH_PAIRS, "steps": args.steps, "seq_lens": args.seq_lens,
+        "settings": {"batch_pairs": BATCH_PAIRS, "steps": args.steps, "threads": args.threads, "seq_lens": args.seq_lens,
                      "pairs": args.pairs, "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
                      "malloc_mmap_threshold": 1048576},
         "results": results,

@@ -550,8 +550,6 @@ class ORPORecipe:
         train_cfg = config.train
         if train_cfg.lora.load_in_4bit and not train_cfg.lora.enabled:
             raise ConfigError("train.lora.load_in_4bit needs train.lora.enabled=true (QLoRA trains an adapter)")
-        if train_cfg.save_steps and train_cfg.eval_steps is None and train_cfg.logging_steps > train_cfg.save_steps:
-            log.info("train.logging_steps > train.save_steps: some checkpoints fall between log lines")
         self.config = config
         self.dataset_dir = Path(dataset_dir)
         self._requested_output_dir = Path(output_dir) if output_dir else None

@@ -174,6 +174,7 @@ def test_default_output_dir(tmp_path):
     assert default_output_dir(named) == tmp_path / "train" / "nightly"
 
 
+@pytest.mark.slow  # MLflow's sqlite store migrates its schema on first use
 def test_metrics_logged_live_to_an_active_mlflow_run(tiny_model_dir, toy_dataset, tmp_path):
     import mlflow
 
