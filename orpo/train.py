@@ -603,8 +603,9 @@ class ORPORecipe:
                      trainable, total, 100 * trainable / max(total, 1))
 
         optimizer = _setup_optimizer(model, cfg)
-        with acc.main_process_first():
-            self.data = _setup_data(self.dataset_dir, self.tokenizer, cfg)
+        # Every process tokenizes the whole dataset (in memory, nothing cached to share), so each knows
+        # every step's pairs and normalisers.
+        self.data = _setup_data(self.dataset_dir, self.tokenizer, cfg)
         self.plan = BatchPlan(
             self.data.train_lengths,
             per_device_batch_size=cfg.per_device_batch_size,
