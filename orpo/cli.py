@@ -268,7 +268,22 @@ def _mount_all() -> None:
             logging.getLogger(__name__).debug("command group unavailable: %s", exc)
 
 
+# Quiet by default (a user's own setting wins): no telemetry, and an ephemeral Prefect API that is given time
+# to start on a busy laptop (its default 20 s is too short on 2 cores).
+_DEFAULT_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
+    import os
+
+    for key, value in _DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
     _mount_all()
     app(args=argv if argv is not None else sys.argv[1:], prog_name="orpo")
 

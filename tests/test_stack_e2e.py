@@ -93,6 +93,20 @@ def _wait_for_final_state(client, flow_run_id, timeout_s: float = 600):
     raise TimeoutError(f"flow run {flow_run_id} did not finish in {timeout_s} s")
 
 
+def _wait_for_manual_run(client, deployment_id, timeout_s: float = 60):
+    """The flow run a Quick run click created (the scheduler's own runs are auto-scheduled)."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        manual = [run for run in runs if not run.auto_scheduled]
+        if manual:
+            return manual[0].id
+        time.sleep(1)
+    raise TimeoutError("clicking Quick run created no flow run")
+
+
 def test_nightly_deployment_has_cron_schedule_and_upcoming_runs(stack):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
 
@@ -154,14 +168,15 @@ def test_quick_run_from_the_prefect_ui(stack):
         expect(page.get_by_text("At 02:00 AM").first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "prefect-deployment.png"), full_page=True)
 
-        page.get_by_role("button", name="Run").first.click()
-        page.get_by_text("Quick run").first.click()
-        page.wait_for_url("**/runs/flow-run/**", timeout=60_000)
-        flow_run_id = page.url.rstrip("/").rsplit("/", 1)[-1]
+        # exact: the "Runs" tab is a button too, and comes first on the page
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Quick run", exact=True).click()
         client, settings = _client()
         with settings, client:
+            flow_run_id = _wait_for_manual_run(client, deployment.id)
+            page.screenshot(path=str(ARTIFACTS / "prefect-quick-run-started.png"), full_page=True)
             final = _wait_for_final_state(client, flow_run_id)
-        page.reload(wait_until="networkidle")
+        page.goto(f"{base}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
         expect(page.get_by_text("Completed").first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "prefect-quick-run-completed.png"), full_page=True)
         browser.close()
