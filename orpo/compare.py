@@ -157,7 +157,7 @@ def log_comparison(config: PipelineConfig, frame: pandas.DataFrame, png: str | P
     configure_mlflow(config)
     versions = list(frame.index)
     run_name = "compare-" + "-".join(f"v{v}" for v in versions)
-    with mlflow.start_run(run_name=run_name) as run:
+    with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({
             "orpo.kind": "compare",
             "registered_model": config.registry.registered_model_name,

@@ -195,3 +195,6 @@ def _record(client, version: RegisteredVersion, decision: GateDecision) -> None:
         tags[f"gate.delta.{metric}"] = f"{entry['delta']:+.4g} ({'pass' if entry['passed'] else 'fail'})"
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, value)
+    from orpo.registry import refresh_description
+
+    refresh_description(client, version.name, str(version.version))

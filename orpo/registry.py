@@ -121,8 +121,15 @@ def configure_mlflow(config: PipelineConfig) -> str:
     import mlflow
 
     uri = config.resolved_tracking_uri()
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; left there, it would become the store of every
+    # config resolved later in this process (resolved_tracking_uri reads it). Keep the user's value.
+    if user_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_uri
     name = config.registry.experiment_name
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(name) is None:
@@ -371,7 +378,8 @@ def describe(tags: dict[str, str], final_metrics: dict[str, Any], eval_metrics: 
     ]
     final = {k: v for k, v in final_metrics.items() if _numeric(v) is not None}
     if final:
-        lines.append("- final training metrics: " + ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(final.items())[:8]))
+        shown = ", ".join(f"{k} {float(v):.4g}" for k, v in sorted(final.items())[:8])
+        lines.append(f"- final training metrics: {shown}")
     headline = {k: eval_metrics[k] for k in HEADLINE_METRICS if k in eval_metrics}
     if headline:
         lines += ["", "Evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items())]
@@ -386,13 +394,11 @@ def describe(tags: dict[str, str], final_metrics: dict[str, Any], eval_metrics: 
 
 
 def find_registered(client: MlflowClient, name: str, key: str) -> Any | None:
-    """The model version registered from the export with this key, if any."""
-    from mlflow.exceptions import MlflowException
+    """The model version registered from the export with this key, if any.
 
-    try:
-        found = client.search_model_versions(f"name = '{name}' and tags.{TAG_REGISTRATION_KEY} = '{key}'")
-    except MlflowException:
-        return None
+    A failing search raises: treating it as "not found" would register a duplicate.
+    """
+    found = client.search_model_versions(f"name = '{name}' and tags.{TAG_REGISTRATION_KEY} = '{key}'")
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -426,7 +432,10 @@ def register_training_run(
     run_id = _training_run_id(client, config, export)
 
     # A new run is named after the training output directory, so runs are recognisable in the UI.
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else export.train_dir.name) as run:
+    # Nested when the caller already has an active run (a notebook, a flow that logs), instead of failing.
+    with mlflow.start_run(
+        run_id=run_id, run_name=None if run_id else export.train_dir.name, nested=mlflow.active_run() is not None
+    ) as run:
         run_id = run.info.run_id
         tags["training_run_id"] = run_id
         mlflow.set_tags({**tags, "orpo.kind": "training"})
@@ -675,7 +684,9 @@ def _load_peft_model(export: TrainExport):
 
     base_path = export.result.get("base_model_path")
     if not (base_path and (Path(base_path) / "config.json").is_file()):
-        spec = export.result.get("base_model") or PeftConfig.from_pretrained(str(export.model_dir)).base_model_name_or_path
+        spec = export.result.get("base_model")
+        if not spec:
+            spec = PeftConfig.from_pretrained(str(export.model_dir)).base_model_name_or_path
         resolved = resolve_model(spec)
         base_path = resolved.path if resolved.is_local else None
         source = resolved.path
@@ -722,7 +733,9 @@ def refresh_description(client: MlflowClient, name: str, version: str) -> None:
     final_metrics: dict[str, Any] = {}
     if model_version.run_id:
         run_metrics = client.get_run(model_version.run_id).data.metrics
-        final_metrics = {k: run_metrics[k] for k in ("loss", "nll_loss", "log_odds_ratio", "eval_loss") if k in run_metrics}
+        final_metrics = {
+            k: run_metrics[k] for k in ("loss", "nll_loss", "log_odds_ratio", "eval_loss") if k in run_metrics
+        }
         eval_metrics = run_metrics
     else:
         eval_metrics = {}

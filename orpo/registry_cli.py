@@ -20,7 +20,9 @@ from rich.console import Console
 console = Console()
 log = logging.getLogger(__name__)
 
-_CONFIG_HELP = "YAML config (see configs/); its registry section names the store and the model. Defaults apply when omitted."
+_CONFIG_HELP = (
+    "YAML config (see configs/); its registry section names the store and the model. Defaults apply when omitted."
+)
 
 
 def _load_config(config: Optional[Path], overrides: Optional[list[str]] = None):
@@ -42,9 +44,9 @@ def register(
 ) -> None:
     """Register a training export in MLflow as a new model version with alias `challenger`.
 
-    Logs the training run (config params, metric histories, curves, data manifest, resolved config) and
-    the model (transformers flavor; a LoRA adapter references its base model). Registering the same
-    export again returns the existing version; an export without export_complete.json is refused.
+    Logs the run (params, metric histories, curves, data manifest, config) and the model (LoRA: adapter + base).
+
+    The same export registered again returns its version; one without export_complete.json is refused.
     """
     from orpo.registry import RegistrationError, register_training_run
 
@@ -68,16 +70,18 @@ def _format(value: object, signed: bool = False) -> str:
 def compare(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
     name: Optional[str] = typer.Option(None, "--name", "-n", help="Registered model name (default: from the config)."),
-    versions: Optional[str] = typer.Option(None, "--versions", help="Comma-separated versions, e.g. 3,4,5 (default: all)."),
+    versions: Optional[str] = typer.Option(
+        None, "--versions", help="Comma-separated versions, e.g. 3,4,5 (default: all)."
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Chart PNG path (default: <workdir>/compare/<name>-<versions>.png)."
     ),
 ) -> None:
     """Compare registered versions: key metrics with deltas against the champion, and a chart.
 
-    Prints a table (MT-Bench score, AlpacaEval win rates, preference accuracy, each with its delta
-    against the `champion`), writes a PNG of per-category MT-Bench scores and win rates side by side,
-    and logs chart and table to MLflow in a `compare` run.
+    Prints MT-Bench, AlpacaEval and preference metrics of each version with their delta against `champion`.
+
+    Writes a PNG (per-category MT-Bench scores side by side, win rates) and logs it to MLflow in a `compare` run.
     """
     from rich.table import Table
 
@@ -123,8 +127,7 @@ def ui(
 ) -> None:
     """Open the MLflow UI on the pipeline's store, bound to 127.0.0.1 (Ctrl-C stops it).
 
-    With the default sqlite store this serves <workdir>/mlflow.db and <workdir>/mlartifacts. When the
-    tracking URI is already an http(s) server, it just prints that address.
+    Serves <workdir>/mlflow.db and <workdir>/mlartifacts; a tracking URI that is a server is just printed.
     """
     from orpo.registry import configure_mlflow
 

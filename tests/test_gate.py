@@ -94,6 +94,7 @@ def _config(tmp_path, **gate) -> PipelineConfig:
     )
 
 
+@pytest.mark.slow  # the first MLflow import and a fresh sqlite schema take ~15-35 s here
 def test_promote_moves_the_champion_alias_and_records_the_decision(tmp_path):
     from mlflow import MlflowClient
 
@@ -127,6 +128,7 @@ def test_promote_moves_the_champion_alias_and_records_the_decision(tmp_path):
     assert compared["mt_bench/score"]["challenger"] == pytest.approx(5.05)
     assert compared["mt_bench/score"]["passed"] is False
     assert "fail" in tags["gate.delta.mt_bench/score"]
+    assert "Gate: rejected" in client.get_model_version(name, worse.version).description
 
     better = version({"mt_bench/score": 5.5, "alpaca/win_rate": 9.5})
     decision = promote(config, better)

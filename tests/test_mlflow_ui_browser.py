@@ -42,7 +42,8 @@ def populated(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("ui")
     with MlflowServer(root / "server") as server:
         config = PipelineConfig.model_validate(
-            {"workdir": str(root / "work"), "registry": {"tracking_uri": server.url, "registered_model_name": "ui-model"}}
+            {"workdir": str(root / "work"),
+             "registry": {"tracking_uri": server.url, "registered_model_name": "ui-model"}}
         )
         configure_mlflow(config)
         first = register_training_run(config, make_train_dir(root, lora=False, base_dir=tiny_model_dir, seed=0))

@@ -4,6 +4,7 @@ round trip by alias to a working generation pipeline, and evaluation results on 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -178,8 +179,6 @@ def test_round_trip_by_alias_generates_text(store):
 
 
 def test_lora_version_resolves_through_the_model_resolver(store, tmp_path):
-    import mlflow
-
     from orpo.config import ModelConfig
     from orpo.models import load_model_and_tokenizer, resolve_model
 
@@ -189,7 +188,6 @@ def test_lora_version_resolves_through_the_model_resolver(store, tmp_path):
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path="unused"), path=resolved.path)
     assert type(model).__name__ == "PeftModel"
     assert tokenizer("hello")["input_ids"]
-    del mlflow
 
 
 @pytest.mark.xfail(
@@ -247,3 +245,35 @@ def test_training_run_id_from_train_result_is_reused(store, tmp_path):
     client = _client(config)
     assert [m.value for m in client.get_metric_history(live.info.run_id, "loss")] == [9.0, 9.0, 9.0]
     assert "rewards/margins" in client.get_run(live.info.run_id).data.metrics
+
+
+def test_configuring_one_store_does_not_leak_into_the_next_config(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; the next config's default store must not change."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = PipelineConfig.model_validate({"registry": {"tracking_uri": f"sqlite:///{tmp_path / 'a.db'}"}})
+    configure_mlflow(first)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = PipelineConfig(workdir=str(tmp_path / "b"))
+    assert configure_mlflow(second) == f"sqlite:///{(tmp_path / 'b' / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'user.db'}")
+    configure_mlflow(first)
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'user.db'}"  # the user's choice stays
+
+
+def test_lora_with_merged_model_logs_both_and_registers_the_adapter(store, tmp_path):
+    import mlflow
+
+    config = store["config"].model_copy(deep=True)
+    config.registry.log_merged_model = True
+    config.registry.registered_model_name = "orpo-merged"
+    version = register_training_run(config, make_train_dir(tmp_path, lora=True, base_dir=store["base_dir"], seed=5))
+    client = _client(config)
+    experiment = client.get_experiment_by_name(config.registry.experiment_name)
+    logged = {m.name: m for m in client.search_logged_models(
+        [experiment.experiment_id], filter_string=f"source_run_id = '{version.run_id}'")}
+    assert set(logged) == {"model", "merged_model"}
+    registered = client.get_model_version("orpo-merged", version.version)
+    assert registered.source.endswith(logged["model"].model_id) or logged["model"].model_id in registered.source
+    merged = mlflow.transformers.load_model(f"models:/{logged['merged_model'].model_id}")
+    assert type(merged.model).__name__ == "LlamaForCausalLM"  # weights merged, no adapter left
+    assert merged("Water boils", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("Water boils")
