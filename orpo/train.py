@@ -39,13 +39,20 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orpo.config import ConfigError, LoraConfig, ModelConfig, PipelineConfig, TrainConfig, dump_config, load_config
+from orpo.config import (
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    PipelineConfig,
+    TrainConfig,
+    dump_config,
+    load_config,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -452,8 +459,8 @@ def _setup_optimizer(model, train_cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": train_cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kwargs = dict(lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-                  eps=train_cfg.adam_epsilon)
+    kwargs = {"lr": train_cfg.learning_rate, "betas": (train_cfg.adam_beta1, train_cfg.adam_beta2),
+              "eps": train_cfg.adam_epsilon}
     if train_cfg.optimizer == "adamw_8bit":
         try:
             import bitsandbytes as bnb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -54,8 +55,8 @@ def test_shapes_after_warmup():
     # Halfway through the decay: cosine and linear both at half the peak.
     assert cosine[110] == pytest.approx(5e-4) and linear[110] == pytest.approx(5e-4)
     # Monotone decay towards 0 at the last step.
-    assert all(a >= b for a, b in zip(cosine[20:], cosine[21:]))
-    assert all(a >= b for a, b in zip(linear[20:], linear[21:]))
+    assert all(a >= b for a, b in pairwise(cosine[20:]))
+    assert all(a >= b for a, b in pairwise(linear[20:]))
     assert lr_factor("cosine", TOTAL, 20, TOTAL) == pytest.approx(0.0, abs=1e-12)
     assert lr_factor("linear", TOTAL, 20, TOTAL) == 0.0
     assert lr_factor("linear", TOTAL + 5, 20, TOTAL) == 0.0  # never negative past the end

@@ -49,10 +49,8 @@ def write_toy_dataset(path: Path, train_pairs: int = 64, test_pairs: int = 32) -
 
 def toy_config(tmp_path: Path, model_dir: Path, **train) -> PipelineConfig:
     """A small, fast config: the tiny Llama, short rows, a constant high learning rate."""
-    settings = dict(
-        max_length=64, max_prompt_length=32, per_device_batch_size=8, max_steps=20, learning_rate=2e-3,
-        lr_scheduler="constant", logging_steps=1, seed=0,
-    )
+    settings = {"max_length": 64, "max_prompt_length": 32, "per_device_batch_size": 8, "max_steps": 20,
+                "learning_rate": 2e-3, "lr_scheduler": "constant", "logging_steps": 1, "seed": 0}
     settings.update(train)
     return validate_config({"workdir": str(tmp_path / "runs"), "model": {"name_or_path": str(model_dir)},
                             "train": settings})

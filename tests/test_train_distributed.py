@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from test_train import read_metrics, toy_config, write_toy_dataset
 
 from orpo.config import dump_config
-from test_train import read_metrics, toy_config, write_toy_dataset
 
 STEPS = 8
 
@@ -51,7 +51,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(tiny_model_dir, tm
         "-m", "orpo.train", "--config", str(config_file), "--dataset-dir", str(dataset),
         "--output-dir", str(tmp_path / "two"), "train.per_device_batch_size=4",
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
 
     single = train(config.model_copy(update={"train": config.train.model_copy(update={"per_device_batch_size": 8})}),

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import read_metrics, toy_config, write_toy_dataset
 
 from orpo.config import dump_config
-from test_train import read_metrics, toy_config, write_toy_dataset
 
 STEPS = 10
 
