@@ -226,6 +226,12 @@ def _download_mlflow_model(uri: str, cache: Path) -> Path:
     for candidate in [local, *sorted(p.parent for p in local.rglob("config.json")),
                       *sorted(p.parent for p in local.rglob("adapter_config.json"))]:
         if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
+            # MLflow's transformers flavor keeps the tokenizer apart from the weights (components/tokenizer).
+            tokenizer_dir = next((p.parent for p in local.rglob("tokenizer_config.json")), None)
+            if not (candidate / "tokenizer_config.json").is_file() and tokenizer_dir is not None:
+                for item in tokenizer_dir.iterdir():
+                    if item.is_file() and not (candidate / item.name).exists():
+                        shutil.copy2(item, candidate / item.name)
             return candidate
     raise ModelResolutionError(f"{uri} was downloaded to {local} but holds no transformers model directory")
 

@@ -190,11 +190,6 @@ def test_lora_version_resolves_through_the_model_resolver(store, tmp_path):
     assert tokenizer("hello")["input_ids"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="orpo.models._download_mlflow_model returns the logged model/ directory, but MLflow stores the "
-    "tokenizer in components/tokenizer beside it; load_model_and_tokenizer then finds no tokenizer",
-)
 def test_full_version_loads_through_the_model_resolver(store, tmp_path):
     from orpo.config import ModelConfig
     from orpo.models import load_model_and_tokenizer, resolve_model
@@ -202,7 +197,8 @@ def test_full_version_loads_through_the_model_resolver(store, tmp_path):
     configure_mlflow(store["config"])
     resolved = resolve_model(f"models:/orpo-model/{store['full'].version}", cache_dir=tmp_path / "models")
     assert (Path(resolved.path) / "config.json").is_file()
-    load_model_and_tokenizer(ModelConfig(name_or_path="unused"), path=resolved.path)
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path="unused"), path=resolved.path)
+    assert tokenizer("hello")["input_ids"] and model.config.model_type == "llama"
 
 
 def test_evaluation_lands_on_the_run_the_tags_and_the_description(store, tmp_path):
