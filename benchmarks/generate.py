@@ -68,6 +68,7 @@ def main() -> None:
     timed(model, tokenizer, conversations[:2], batch_size=2, max_new_tokens=8)  # warm-up (lazy weights, kernels)
 
     single = timed(model, tokenizer, conversations, batch_size=1, max_new_tokens=args.max_new_tokens)
+    print(f"one at a time: {single['tokens_per_s']:.1f} tokens/s", flush=True)
     batched = timed(model, tokenizer, conversations, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     same = sum(a == b for a, b in zip(single.pop("texts"), batched.pop("texts")))
     speedup = batched["tokens_per_s"] / single["tokens_per_s"]
