@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ class RssSampler:
             self.peak = max(self.peak, rss_mb())
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> RssSampler:  # noqa: PYI034 (a final class)
         self._thread.start()
         return self
 
@@ -274,7 +275,7 @@ def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, ste
     baseline = memory_baseline(device)
     with RssSampler() as sampler:
         trainer.train()
-    times = [b - a for a, b in zip(ends, ends[1:])]
+    times = [b - a for a, b in pairwise(ends)]
     # The dataloader collates one batch ahead; batch i is still step i's.
     return summarise(times[1:], real_tokens[1:steps], padded_tokens[1:steps], device=device, baseline=baseline,
                      peak_rss=sampler.peak, params=sum(p.numel() for p in trainer.model.parameters()),
@@ -326,7 +327,7 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
     env = {**os.environ, **threads, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.read_text():
         return {"trainer": trainer, "model": model, "seq_len": seq_len, "error": done.stderr[-3000:]}
     result = json.loads(out.read_text())
