@@ -170,7 +170,7 @@ def run_command(
     from flows.pipeline import alignment_pipeline
 
     summary = alignment_pipeline(config=cfg)
-    _print_summary(summary)
+    _print_summary(summary, ui_command="orpo ui" + (f" --config {config}" if config else ""))
 
 
 # Headline metrics for the before/after table, in the order a reader scans them.
@@ -180,7 +180,7 @@ _HEADLINE = (
 )
 
 
-def _print_summary(summary) -> None:
+def _print_summary(summary, ui_command: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"Pipeline run {summary.run_name}", show_lines=False)
@@ -203,8 +203,8 @@ def _print_summary(summary) -> None:
     verdict = "[green]promoted to champion[/green]" if summary.promoted else "[yellow]not promoted[/yellow]"
     console.print(f"gate: {verdict}: {summary.decision}")
     console.print(f"report: {summary.report_dir}/report.md")
-    console.print(f"MLflow store: {summary.tracking_uri}\nopen the MLflow UI: [bold]orpo ui[/bold] "
-                  "(add --config if you used one), then http://127.0.0.1:5000")
+    console.print(f"MLflow store: {summary.tracking_uri}")
+    console.print(f"open the MLflow UI: [bold]{ui_command}[/bold] (from .venv/bin), then http://127.0.0.1:5000")
 
 
 @app.command("deploy")
@@ -262,10 +262,7 @@ def dump_config_command(out: Path, config: Optional[Path] = CONFIG_OPTION) -> No
 
 def _mount_all() -> None:
     for mount in (_mount_data, _mount_eval, _mount_registry):
-        try:
-            mount()
-        except ImportError as exc:  # a stage whose library is not importable still leaves the rest usable
-            logging.getLogger(__name__).debug("command group unavailable: %s", exc)
+        mount()
 
 
 # Quiet by default (a user's own setting wins): no telemetry, and an ephemeral Prefect API that is given time
