@@ -337,25 +337,24 @@ class HFJudge:
         tokenizer = self._tokenizer
         option_ids = [list(tokenizer(option, add_special_tokens=False)["input_ids"]) for option in options]
         prompt_ids = render_prompts(tokenizer, prompts)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         scores: list[list[float]] = []
         self._model.eval()
+        device = next(self._model.parameters()).device
         for ids in prompt_ids:
-            rows = [ids + opt for opt in option_ids]
-            width = max(len(r) for r in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for r, row in enumerate(rows):
-                input_ids[r, : len(row)] = torch.tensor(row)
-                mask[r, : len(row)] = 1
-            device = next(self._model.parameters()).device
+            # The judge prompt (often >1k tokens) runs once; each option continues from its KV cache, and only
+            # the option's own positions are projected onto the vocabulary.
+            prefix = ids[:-1]
             with torch.inference_mode():
-                logits = self._model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logps = torch.log_softmax(logits, dim=-1).cpu()
-            totals = []
-            for r, opt in enumerate(option_ids):
-                positions = range(len(ids) - 1, len(ids) - 1 + len(opt))
-                totals.append(sum(logps[r, p, t].item() for p, t in zip(positions, opt)))
+                cache = self._model(
+                    input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1
+                ).past_key_values
+                totals = []
+                for opt in option_ids:
+                    continuation = torch.tensor([[ids[-1], *opt]], device=device)
+                    logits = self._model(input_ids=continuation, past_key_values=cache, use_cache=True).logits
+                    logps = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # row i predicts opt[i]
+                    totals.append(sum(logps[i, token].item() for i, token in enumerate(opt)))
+                    cache.crop(-len(continuation[0]))  # drop this option before the next one
             probs = torch.softmax(torch.tensor(totals), dim=0).tolist()
             scores.append(probs)
         self.stats.add(requests=len(prompt_ids))

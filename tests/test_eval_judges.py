@@ -150,3 +150,29 @@ def test_hf_judge_on_tiny_model(tiny_model_and_tokenizer, tmp_path):
     probabilities = judge.score_options(prompts, ["Output (a)", "Output (b)"])
     for pair in probabilities:
         assert len(pair) == 2 and sum(pair) == pytest.approx(1.0) and all(0 < p < 1 for p in pair)
+
+
+def test_hf_option_scores_equal_a_full_forward_of_each_option(tiny_model_and_tokenizer, tmp_path):
+    """The KV-cache shortcut scores exactly what scoring prompt+option in one full forward would."""
+    import torch
+
+    from evals.generate import render_prompts
+
+    model, tokenizer = tiny_model_and_tokenizer
+    judge = HFJudge(model, tokenizer, name="tiny", max_new_tokens=6, cache_dir=tmp_path / "cache")
+    prompts = [[{"role": "user", "content": "Which is better, (a) Paris or (b) paris?"}],
+               [{"role": "user", "content": "Two plus two?"}]]
+    options = ["Output (a)", "Output (b)"]
+    got = judge.score_options(prompts, options)
+
+    expected = []
+    for ids in render_prompts(tokenizer, prompts):
+        totals = []
+        for option in options:
+            opt = tokenizer(option, add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                logps = torch.log_softmax(model(input_ids=torch.tensor([ids + opt])).logits[0].float(), dim=-1)
+            totals.append(sum(logps[len(ids) - 1 + i, t].item() for i, t in enumerate(opt)))
+        expected.append(torch.softmax(torch.tensor(totals), dim=0).tolist())
+    for got_row, expected_row in zip(got, expected, strict=True):
+        assert got_row == pytest.approx(expected_row, abs=1e-5)
