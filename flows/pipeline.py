@@ -82,7 +82,7 @@ def _base_eval_key(context, parameters) -> str:
     config: PipelineConfig = parameters["config"]
     payload = json.dumps(
         {"model": parameters["model_path"], "eval": config.eval.model_dump(mode="json"),
-         "dataset": str(parameters["dataset_dir"])},
+         "dataset": str(parameters["dataset_dir"]), "report": str(Path(parameters["out_dir"]).resolve())},
         sort_keys=True,
     )
     return "evaluate-base-" + hashlib.sha256(payload.encode()).hexdigest()[:24]

@@ -500,7 +500,7 @@ def _setup_data(dataset_dir: Path, tokenizer, train_cfg: TrainConfig) -> PairDat
     from orpo.collate import tokenize_pair
 
     if not dataset_dir.is_dir():
-        raise ConfigError(f"dataset directory {dataset_dir} does not exist; run `orpo prepare` first")
+        raise ConfigError(f"dataset directory {dataset_dir} does not exist; prepare it first with `orpo data binarize`")
     try:
         splits = datasets.load_from_disk(str(dataset_dir))
     except FileNotFoundError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import Path
 
@@ -23,10 +24,13 @@ def _dataset_cache_key(context: TaskRunContext, parameters: dict) -> str:
     A key is only worth reusing while the dataset it points to is still on disk.
     """
     config: PipelineConfig = parameters["config"]
-    key = dataset_key(config.data)
-    if not (dataset_dir_for(config) / "manifest.json").is_file():
-        return f"prepare-data-{key}-{uuid.uuid4().hex}"
-    return f"prepare-data-{key}"
+    directory = dataset_dir_for(config).resolve()
+    if not (directory / "manifest.json").is_file():
+        return f"prepare-data-{uuid.uuid4().hex}"
+    # The directory is part of the key: a cached result must point at a dataset that exists, not at the same
+    # data prepared under another (perhaps deleted) workdir.
+    where = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
+    return f"prepare-data-{dataset_key(config.data)}-{where}"
 
 
 def _manifest_markdown(prepared: PreparedDataset, data: DataConfig) -> str:

@@ -30,7 +30,7 @@ def test_alignment_pipeline_runs_end_to_end_and_reuses_the_dataset(prefect_harne
     manifest = json.loads(Path(summary.dataset_dir, "manifest.json").read_text())
     assert manifest["fingerprint"] == summary.data_fingerprint
 
-    client = mlflow.MlflowClient(tracking_uri=summary.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=summary.tracking_uri, registry_uri=summary.tracking_uri)
     version = client.get_model_version_by_alias("tiny-orpo", "champion")
     assert str(version.version) == summary.model_version
     run = client.get_run(version.run_id)

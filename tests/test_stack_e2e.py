@@ -7,6 +7,7 @@ shows the deployment's schedule and its Quick run completes (screenshots in test
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -35,7 +36,8 @@ def stack(tmp_path_factory):
     from flows.stack import stack_down, stack_env, stack_up
 
     workdir = tmp_path_factory.mktemp("stack")
-    config = load_config(None, tiny_pipeline_overrides(workdir, "eval.suites=[preference]"))
+    config = load_config(None, tiny_pipeline_overrides(workdir, "eval.suites=[preference]",
+                                                       f"registry.tracking_uri=sqlite:///{workdir}/mlflow.db"))
     config_path = workdir / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     prefect_port, mlflow_port = _free_port(), _free_port()
@@ -44,6 +46,7 @@ def stack(tmp_path_factory):
     saved = {key: os.environ.get(key) for key in ("PREFECT_API_URL", "PREFECT_HOME")}
     env = stack_env(config, prefect_port, mlflow_port)
     os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
+    os.environ["ORPO_TEST_STACK_LOGS"] = str(info.state_dir / "logs")
     try:
         yield {"config": config, "info": info, "mlflow_port": mlflow_port}
     finally:
@@ -56,27 +59,34 @@ def stack(tmp_path_factory):
         assert all("stopped" in line or "not running" in line for line in lines)
 
 
+@contextlib.contextmanager
 def _client():
+    """A client of the stack's API, even while another test's Prefect harness is active in this process."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    return get_client(sync_client=True), temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]})
+    with temporary_settings({PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            yield client
 
 
-def _wait_for_deployment(client, name: str, timeout_s: float = 180):
+def _wait_for_deployment(client, name: str, timeout_s: float = 300):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             return client.read_deployment_by_name(name)
         except Exception:  # noqa: BLE001 - not registered yet
             time.sleep(2)
-    raise TimeoutError(f"deployment {name} never appeared")
+    logs = sorted(Path(os.environ["ORPO_TEST_STACK_LOGS"]).glob("*.log"))
+    tails = "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-15:]) for log in logs)
+    raise TimeoutError(f"deployment {name} never appeared; stack logs:\n{tails}")
 
 
 def _versions(stack) -> int:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=stack["config"].resolved_tracking_uri())
+    uri = stack["config"].resolved_tracking_uri()
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         return len(client.search_model_versions(f"name='{stack['config'].registry.registered_model_name}'"))
     except Exception:  # noqa: BLE001 - no registered model yet
@@ -110,8 +120,7 @@ def _wait_for_manual_run(client, deployment_id, timeout_s: float = 60):
 def test_nightly_deployment_has_cron_schedule_and_upcoming_runs(stack):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
 
-    client, settings = _client()
-    with settings, client:
+    with _client() as client:
         deployment = _wait_for_deployment(client, "alignment-pipeline/nightly-alignment")
         crons = [getattr(s.schedule, "cron", None) for s in deployment.schedules]
         assert stack["config"].orchestration.cron in crons
@@ -133,8 +142,7 @@ def test_run_triggered_through_the_api_completes_and_registers(stack):
     from prefect.deployments import run_deployment
 
     before = _versions(stack)
-    client, settings = _client()
-    with settings, client:
+    with _client() as client:
         _wait_for_deployment(client, "alignment-pipeline/on-demand")
         run = run_deployment("alignment-pipeline/on-demand", timeout=0)
         final = _wait_for_final_state(client, run.id)
@@ -151,8 +159,7 @@ def test_quick_run_from_the_prefect_ui(stack):
     ARTIFACTS.mkdir(exist_ok=True)
     base = stack["info"].prefect_url
     before = _versions(stack)
-    client, settings = _client()
-    with settings, client:
+    with _client() as client:
         deployment = _wait_for_deployment(client, "alignment-pipeline/nightly-alignment")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -171,8 +178,7 @@ def test_quick_run_from_the_prefect_ui(stack):
         # exact: the "Runs" tab is a button too, and comes first on the page
         page.get_by_role("button", name="Run", exact=True).click()
         page.get_by_text("Quick run", exact=True).click()
-        client, settings = _client()
-        with settings, client:
+        with _client() as client:
             flow_run_id = _wait_for_manual_run(client, deployment.id)
             page.screenshot(path=str(ARTIFACTS / "prefect-quick-run-started.png"), full_page=True)
             final = _wait_for_final_state(client, flow_run_id)

@@ -173,12 +173,16 @@ def test_default_output_dir(tmp_path):
 
 
 @pytest.mark.slow  # MLflow's sqlite store migrates its schema on first use
-def test_metrics_logged_live_to_an_active_mlflow_run(tiny_model_dir, toy_dataset, tmp_path):
+def test_metrics_logged_live_to_an_active_mlflow_run(tiny_model_dir, toy_dataset, tmp_path, monkeypatch):
     import mlflow
 
     from orpo.train import train
 
+    # MLflow keeps the tracking URI (in the environment) and the active experiment in process-wide state:
+    # isolate both from whatever an earlier test left there.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("train-live-logging")
     config = toy_config(tmp_path, tiny_model_dir, max_steps=2, lora={"r": 4, "alpha": 8})
     with mlflow.start_run() as run:
         result = train(config, toy_dataset, tmp_path / "out")
