@@ -68,6 +68,11 @@ def run_name_for(config: PipelineConfig) -> str:
     return flow_run.name or f"{_slug(config.model.name_or_path)}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
+def train_dir_for(config: PipelineConfig) -> Path:
+    """`train.output_dir`, else `<workdir>/train/<run name>`: a retried flow run resumes in the same place."""
+    return Path(config.train.output_dir or Path(config.workdir) / "train" / run_name_for(config))
+
+
 def _flow_run_name() -> str:
     parameters = flow_run.parameters or {}
     config = parameters.get("config")
@@ -111,7 +116,7 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
     data = prepare_data(config)
     start_spec = start_model(config)
     train_config = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": start_spec})})
-    train_dir = Path(config.train.output_dir or workdir / "train" / run_name)
+    train_dir = train_dir_for(config)
     trained = train_model(train_config, data.dataset_dir, train_dir)
     version = register_model(config, trained.output_dir, data.manifest_path)
     logger.info("registered %s as version %s", version.model_uri, version.version)
@@ -161,7 +166,7 @@ def train_model_flow(config: PipelineConfig = PipelineConfig(), config_path: str
     """Prepare data (cached), train, and (by default) register; returns the model directory or URI."""
     config = effective_config(config, config_path)
     data = prepare_data(config)
-    train_dir = Path(config.train.output_dir or Path(config.workdir) / "train" / run_name_for(config))
+    train_dir = train_dir_for(config)
     trained = train_model(config, data.dataset_dir, train_dir)
     if register:
         return register_model(config, trained.output_dir, data.manifest_path).model_uri

@@ -154,10 +154,9 @@ def train_command(
 
 
 def _prepare(cfg):
-    from orpo.data.binarize import dataset_key, prepare_dataset
+    from orpo.data.binarize import default_dataset_dir, prepare_dataset
 
-    out_dir = cfg.data.output_dir or str(Path(cfg.workdir) / "data" / dataset_key(cfg.data))
-    return prepare_dataset(cfg.data, out_dir)
+    return prepare_dataset(cfg.data, default_dataset_dir(cfg.data, cfg.workdir))
 
 
 @app.command("run")

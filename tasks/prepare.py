@@ -11,11 +11,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 
 from orpo.config import DataConfig, PipelineConfig
-from orpo.data.binarize import PreparedDataset, dataset_key, prepare_dataset
+from orpo.data.binarize import PreparedDataset, dataset_key, default_dataset_dir, prepare_dataset
 
 
 def dataset_dir_for(config: PipelineConfig) -> Path:
-    return Path(config.data.output_dir or Path(config.workdir) / "data" / dataset_key(config.data))
+    return default_dataset_dir(config.data, config.workdir)
 
 
 def _dataset_cache_key(context: TaskRunContext, parameters: dict) -> str:

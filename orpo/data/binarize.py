@@ -172,6 +172,11 @@ def _key_payload(cfg: DataConfig, input_fp: str) -> dict[str, Any]:
     return {"format": FORMAT_VERSION, "input": input_fp, "options": options}
 
 
+def default_dataset_dir(cfg: DataConfig, workdir: str | Path) -> Path:
+    """Where a config's dataset lives: `data.output_dir`, else `<workdir>/data/<dataset_key>`."""
+    return Path(cfg.output_dir) if cfg.output_dir else Path(workdir) / "data" / dataset_key(cfg)
+
+
 def dataset_key(cfg: DataConfig, *, input_fp: str | None = None) -> str:
     """Hash of (input fingerprint, recipe, every option, seed, evaluation files): the dataset's directory name.
 
