@@ -4,26 +4,31 @@
     .venv/bin/python benchmarks/train_step.py                         # seq 256 and 1024, 6 steps
     .venv/bin/python benchmarks/train_step.py --device cuda           # also MFU and CUDA peak memory
     .venv/bin/python benchmarks/train_step.py --models smollm2-lora --seq-lens 1024 --steps 4
+    .venv/bin/python benchmarks/train_step.py --trainers ours ours-stacked trl    # also our stacked layout
 
-Same model, same preference pairs, same batch size (2 pairs = 4 rows) and sequence length, gradient
-checkpointing on for both, fp32 on CPU (bf16 weights and autocast on CUDA), the same LoRA adapter (r 16,
-alpha 32, no dropout: TRL disables dropout). Both optimise the same objective: NLL over prompt + response
-(TRL's, `train.nll_on_prompt=true` for us) plus lambda 0.1 times the odds-ratio term. What differs is how
-the step is computed: TRL pads chosen and rejected of a random batch to one length and materialises the
-(2B, T, V) logits; we batch pairs of similar length (`group_by_length`), pad each row to the batch's
-longest only (to a multiple of 8), and project only the label positions through the output embedding,
-chunk by chunk.
+Same model, same preference pairs, same batch size (2 pairs) and sequence length, gradient checkpointing on
+for both, fp32 on CPU (bf16 weights and autocast on CUDA), the same LoRA adapter (r 16, alpha 32, no
+dropout: TRL disables dropout). Both optimise the same objective: NLL over prompt + response (TRL's,
+`train.nll_on_prompt=true` for us) plus lambda 0.1 times the odds-ratio term. What differs is how the step
+is computed: TRL pads chosen and rejected of a random batch to one length (4 rows) and materialises the
+(2B, T, V) logits; we batch pairs of similar length (`group_by_length`), put each pair in one row with its
+prompt computed once (`batch_layout: shared_prompt`; `ours-stacked` is our 4-row layout), and project only
+the label positions through the output embedding, chunk by chunk.
 
 Data: the 805 AlpacaEval instructions with two real answers each (GPT-4 Turbo's as chosen,
 Mistral-ORPO-beta's as rejected, from ../shared/data/alpaca_eval), so lengths vary like real preference
 data. Pairs whose prompt takes more than half the sequence length are dropped, so neither trainer
 truncates a prompt (TRL never does; it truncates responses to max_length - prompt length, like us).
 
-Each (model, trainer, sequence length) runs in its own subprocess with MALLOC_MMAP_THRESHOLD_=1048576, so
-RSS follows live memory instead of glibc's retained heap. The worker loads the model, touches every
-parameter (transformers maps safetensors lazily), reads the baseline RSS, then runs the steps while a
-thread samples RSS every 5 ms. The first step is a warm-up and is not timed. Throughput counts real
-(non-padding) tokens of both chosen and rejected rows; s/step is the median of the timed steps.
+Each (model, trainer, sequence length) runs twice, each time in its own subprocess. The timing run uses
+the default allocator. The memory run (first `--memory-steps` steps) sets MALLOC_MMAP_THRESHOLD_=1048576,
+so RSS follows live memory instead of glibc's retained heap; that setting makes every large allocation a
+fresh mmap and slows CPU steps by up to half, which is why it does not time anything. A worker loads the
+model, touches every parameter (transformers maps safetensors lazily), reads the baseline RSS, then runs
+the steps while a thread samples RSS every 5 ms. The first step is a warm-up and is not timed. Throughput
+counts the tokens of the pairs as two conversations each (prompt + chosen, prompt + rejected; padding
+excluded), the same count for both trainers whatever the layout computes; s/step is the median of the
+timed steps.
 MFU = 6 * parameters * tokens / seconds / peak FLOP/s (Kaplan et al. 2020's 6N FLOPs per token for
 forward + backward; an upper bound for LoRA, whose frozen weights get no weight gradients).
 
@@ -49,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "alpaca_eval"
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 MODELS = ("smollm2-lora", "smollm2-full", "tiny49k-full")
+TRAINERS = ("ours", "ours-stacked", "trl")
 BATCH_PAIRS = 2
 ORPO_LAMBDA = 0.1
 LEARNING_RATE = 5e-6
@@ -182,7 +188,7 @@ def summarise(times: list[float], tokens: list[int], padded: list[int], *, devic
 
 
 def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
-             peak_flops: float | None) -> dict:
+             peak_flops: float | None, layout: str = "shared_prompt") -> dict:
     import torch
     from datasets import Dataset, DatasetDict
 
@@ -200,6 +206,7 @@ def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, st
             "nll_on_prompt": True, "gradient_checkpointing": True,
             "mixed_precision": "bf16" if device == "cuda" else "no",
             "logging_steps": 10**6, "lora": {"enabled": lora, "r": 16, "alpha": 32, "dropout": 0.0},
+            "batch_layout": layout,
         },
     })
     recipe = ORPORecipe(config, work / "data", work / "out")
@@ -218,7 +225,8 @@ def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, st
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
             tokens.append(int(sums["real_tokens"]))
-            padded.append(int(sums["padded_tokens"]))
+            # Padding share of the computed positions, as a token count comparable with TRL's.
+            padded.append(int(sums["real_tokens"] * sums["padded_tokens"] / max(sums["input_tokens"], 1)))
     return summarise(times[1:], tokens[1:], padded[1:], device=device, baseline=baseline, peak_rss=sampler.peak,
                      params=sum(p.numel() for p in model.parameters()), peak_flops=peak_flops)
 
@@ -293,9 +301,13 @@ def worker(args: argparse.Namespace) -> None:
     path = model_dir(args.model, Path(args.cache))
     tokenizer = load_tokenizer(str(path))
     rows = keep_short_prompts(preference_rows(args.pairs), tokenizer, args.seq_len)
-    run = run_ours if args.trainer == "ours" else run_trl
-    result = run(path, rows, lora=args.model.endswith("lora"), seq_len=args.seq_len, steps=args.steps,
-                 device=args.device, peak_flops=args.peak_flops)
+    options = {"lora": args.model.endswith("lora"), "seq_len": args.seq_len, "steps": args.steps,
+               "device": args.device, "peak_flops": args.peak_flops}
+    if args.trainer == "trl":
+        result = run_trl(path, rows, **options)
+    else:
+        layout = "stacked" if args.trainer == "ours-stacked" else "shared_prompt"
+        result = run_ours(path, rows, layout=layout, **options)
     result.update(trainer=args.trainer, model=args.model, seq_len=args.seq_len, pairs_available=len(rows))
     Path(args.worker_out).write_text(json.dumps(result))
 
@@ -316,16 +328,20 @@ def peak_flops_for(device: str, override_tflops: float | None) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None) -> dict:
+def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None,
+               *, steps: int, malloc_mmap_threshold: bool) -> dict:
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     command = [sys.executable, __file__, "--worker", "--trainer", trainer, "--model", model,
-               "--seq-len", str(seq_len), "--steps", str(args.steps), "--device", args.device,
+               "--seq-len", str(seq_len), "--steps", str(steps), "--device", args.device,
                "--pairs", str(args.pairs), "--cache", str(args.cache), "--worker-out", str(out)]
     if peak_flops:
         command += ["--peak-flops", str(peak_flops)]
-    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}
-    env = {**os.environ, **threads, "MALLOC_MMAP_THRESHOLD_": "1048576", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.read_text():
@@ -333,6 +349,23 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
     result = json.loads(out.read_text())
     result["wall_s"] = time.perf_counter() - started
     return result
+
+
+def measure(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None) -> dict:
+    """Timing from a run on the default allocator, memory from a run with the mmap threshold set."""
+    timing = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.steps, malloc_mmap_threshold=False)
+    if "error" in timing or args.device == "cuda":  # CUDA memory is read from the allocator, not RSS
+        return timing
+    memory = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.memory_steps,
+                        malloc_mmap_threshold=True)
+    if "error" in memory:
+        return memory
+    for key in ("baseline_rss_mb", "peak_rss_mb", "rss_increase_mb"):
+        timing[f"default_allocator_{key}"] = timing[key]
+        timing[key] = memory[key]
+    timing["memory_steps"] = args.memory_steps
+    timing["wall_s"] += memory["wall_s"]
+    return timing
 
 
 def ratios(ours: dict, trl: dict) -> dict:
@@ -372,6 +405,10 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="seq 256 only, 3 steps (1 warm-up + 2 timed)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=["ours", "trl"],
+                        help="ours = shared-prompt layout (the default), ours-stacked = 2B rows like TRL's")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="steps of the separate memory run (CPU), warm-up included (default 2)")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="default 256 1024 (--quick: 256)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run incl. 1 warm-up (default 6, quick 3)")
     parser.add_argument("--pairs", type=int, default=200, help="preference pairs to draw batches from")
@@ -382,7 +419,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     # Internal: one measurement in this process.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--trainer", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--trainer", choices=TRAINERS, help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--peak-flops", type=float, default=None, help=argparse.SUPPRESS)
@@ -402,23 +439,26 @@ def main() -> None:
     for seq_len in args.seq_lens:
         for model in args.models:
             pair = {}
-            for trainer in ("ours", "trl"):
-                result = run_worker(args, trainer, model, seq_len, peak_flops)
+            for trainer in args.trainers:
+                result = measure(args, trainer, model, seq_len, peak_flops)
                 results.append(result)
                 pair[trainer] = result
                 status = result.get("error", "").splitlines()[-1:] or [f"{result['s_per_step']:.2f} s/step"]
                 print(f"{model} seq {seq_len} {trainer}: {status[0]}", file=sys.stderr, flush=True)
-            comparisons.append({"model": model, "seq_len": seq_len, **ratios(pair["ours"], pair["trl"])})
+            for ours in (t for t in args.trainers if t != "trl"):
+                if "trl" in pair:
+                    comparisons.append({"model": model, "seq_len": seq_len, "trainer": ours,
+                                        **ratios(pair[ours], pair["trl"])})
     print_table(results, args.device)
-    print("\n| model | seq | throughput ours/TRL | peak memory ours/TRL | memory increase ours/TRL |")
-    print("|---|---|---|---|---|")
+    print("\n| model | seq | trainer | throughput vs TRL | peak memory vs TRL | memory increase vs TRL |")
+    print("|---|---|---|---|---|---|")
     for c in comparisons:
         if "throughput_ours_over_trl" not in c:
             continue
         memory = c.get("cuda_peak_ours_over_trl", c["peak_rss_ours_over_trl"])
         increase = c.get("rss_increase_ours_over_trl")
-        print(f"| {c['model']} | {c['seq_len']} | {c['throughput_ours_over_trl']:.2f}x | {memory:.2f}x | "
-              f"{f'{increase:.2f}x' if increase else '-'} |")
+        print(f"| {c['model']} | {c['seq_len']} | {c['trainer']} | {c['throughput_ours_over_trl']:.2f}x | "
+              f"{memory:.2f}x | {f'{increase:.2f}x' if increase else '-'} |")
 
     import torch
     import transformers
@@ -429,9 +469,10 @@ def main() -> None:
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
                  "transformers": transformers.__version__, "trl": trl.__version__,
                  "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
-        "settings": {"batch_pairs": BATCH_PAIRS, "steps": args.steps, "threads": args.threads, "seq_lens": args.seq_lens,
-                     "pairs": args.pairs, "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
-                     "malloc_mmap_threshold": 1048576},
+        "settings": {"batch_pairs": BATCH_PAIRS, "steps": args.steps, "memory_steps": args.memory_steps,
+                     "threads": args.threads, "seq_lens": args.seq_lens, "pairs": args.pairs,
+                     "trainers": args.trainers, "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
+                     "memory_run_malloc_mmap_threshold": 1048576},
         "results": results,
         "comparisons": comparisons,
     }

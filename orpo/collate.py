@@ -1,10 +1,17 @@
-"""From preference pairs to stacked, padded token batches: chat template, truncation, collation, length grouping.
+"""From preference pairs to token batches: chat template, truncation, collation, length grouping.
 
 A pair `{"chosen": [...messages], "rejected": [...messages]}` (optionally with `prompt`) becomes prompt
-tokens shared by both sides and the two response token lists (`tokenize_pair`). `PreferenceCollator`
-stacks B pairs as 2B rows [chosen_1..chosen_B; rejected_1..rejected_B], so chosen and rejected go through
-the model in one forward pass. `length_grouped_indices` orders pairs so that a batch holds pairs of
-similar length, which cuts the padding `padding_stats` measures.
+tokens shared by both sides and the two response token lists (`tokenize_pair`). Two batch layouts put
+chosen and rejected through the model in one forward pass:
+
+- `SharedPromptCollator` (the default for training): one row per pair, prompt + chosen + rejected, with
+  position ids and a 4D attention mask under which the rejected response sees the prompt but not the
+  chosen response. The prompt is computed once and a pair has no padding of its own.
+- `PreferenceCollator`: 2B rows [chosen_1..chosen_B; rejected_1..rejected_B], each prompt + response (the
+  layout of TRL and the official code; any attention implementation can run it).
+
+`length_grouped_indices` orders pairs so that a batch holds pairs of similar length, which cuts the
+padding `padding_stats` measures.
 """
 
 from __future__ import annotations
@@ -117,7 +124,8 @@ def tokenize_pair(example: dict[str, Any], tokenizer, max_length: int, max_promp
     response keeps its first `max_length - prompt_length` tokens.
 
     Returns prompt_input_ids, chosen_input_ids, rejected_input_ids (responses only), their lengths, and
-    `length` = prompt_length + max(chosen_length, rejected_length), the padded row length of the pair.
+    `length` = prompt_length + max(chosen_length, rejected_length), the padded row length of the pair in
+    the stacked layout (`row_length` gives it per layout).
     """
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
@@ -187,13 +195,125 @@ class PreferenceCollator:
             attention_mask[i, :n] = 1
             prompt_mask[i, :p] = 1
             completion_mask[i, p:n] = 1
+        real = int(attention_mask.sum())
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "completion_mask": completion_mask,
             "prompt_mask": prompt_mask,
             "num_pairs": len(features),
+            "conversation_tokens": real,
+            "input_tokens": real,
         }
+
+
+class SharedPromptCollator:
+    """One right-padded row per pair, prompt + chosen + rejected: the prompt goes through the model once.
+
+    Row i holds prompt_i, chosen_i, rejected_i, then padding up to the longest row rounded up to a multiple
+    of `pad_to_multiple_of`. `position_ids` restart the rejected response where the prompt ends, and the
+    boolean `attention_mask` (B, 1, T, T) is causal except that rejected tokens never see the chosen
+    response, so every response token gets the hidden states it would get in its own row prompt + response
+    (the layout of `PreferenceCollator`). Padding queries attend causally (their outputs are unused, but a
+    fully masked query row would be NaN).
+
+    Because the rows are no longer "token t predicts token t+1" (the first rejected token is predicted from
+    the prompt's last position), the batch lists its labels explicitly, one entry per predicted token:
+    `label_positions` (index into the flattened (B*T) positions of the hidden state that predicts it),
+    `label_ids` (the token), `label_sequences` (i for chosen_i, B + i for rejected_i: the row of the
+    stacked layout) and `label_is_prompt` (prompt tokens 2..P, counted once, under the chosen sequence; they
+    enter the NLL only with `nll_on_prompt`). `conversation_tokens` counts the pairs' tokens as two
+    conversations (2P + C + R, what the stacked layout holds), `input_tokens` the non-padding positions
+    computed (P + C + R).
+
+    Example (pad_token_id=0, pad_to_multiple_of=4), one pair with prompt [1, 2], chosen [3, 4], rejected [5]:
+
+        input_ids       = [[1, 2, 3, 4, 5, 0, 0, 0]]
+        position_ids    = [[0, 1, 2, 3, 2, 0, 0, 0]]
+        attention_mask[0, 0, 4] = [1, 1, 0, 0, 1, 0, 0, 0]  (token 5 sees the prompt and itself)
+        label_positions = [0, 1, 2, 1], label_ids = [2, 3, 4, 5]
+        label_sequences = [0, 0, 0, 1], label_is_prompt = [1, 0, 0, 0]
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8) -> None:
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the EOS token)")
+        if pad_to_multiple_of <= 0:
+            raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        pairs = [
+            (list(f["prompt_input_ids"]), list(f["chosen_input_ids"]), list(f["rejected_input_ids"]))
+            for f in features
+        ]
+        num_pairs = len(pairs)
+        longest = max(len(p) + len(c) + len(r) for p, c, r in pairs)
+        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((num_pairs, length), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((num_pairs, length), dtype=torch.long)
+        positions, ids, sequences, is_prompt = [], [], [], []
+
+        def add_labels(sources: torch.Tensor, targets: list[int], sequence: int, prompt: bool) -> None:
+            keep = sources >= 0  # a token at position 0 has nothing to predict it
+            positions.append(sources[keep] + row * length)
+            ids.append(torch.tensor(targets, dtype=torch.long)[keep])
+            sequences.append(torch.full((int(keep.sum()),), sequence, dtype=torch.long))
+            is_prompt.append(torch.full((int(keep.sum()),), prompt, dtype=torch.bool))
+
+        bounds = torch.zeros((num_pairs, 3), dtype=torch.long)  # chosen start, rejected start, end
+        conversation_tokens = 0
+        for row, (prompt, chosen, rejected) in enumerate(pairs):
+            p, c, r = len(prompt), len(chosen), len(rejected)
+            input_ids[row, : p + c + r] = torch.tensor(prompt + chosen + rejected, dtype=torch.long)
+            position_ids[row, : p + c] = torch.arange(p + c)
+            position_ids[row, p + c : p + c + r] = torch.arange(p, p + r)
+            bounds[row] = torch.tensor([p, p + c, p + c + r])
+            conversation_tokens += 2 * p + c + r
+            add_labels(torch.arange(max(p - 1, 0)), prompt[1:], row, True)
+            add_labels(torch.arange(p - 1, p + c - 1), chosen, row, False)
+            # The first rejected token follows the prompt's last token, not the chosen response's.
+            rejected_sources = torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)])[:r]
+            add_labels(rejected_sources, rejected, num_pairs + row, False)
+
+        query = torch.arange(length).view(1, length, 1)
+        key = torch.arange(length).view(1, 1, length)
+        chosen_start, rejected_start, end = (bounds[:, i].view(-1, 1, 1) for i in range(3))
+        rejected_query = (query >= rejected_start) & (query < end)
+        chosen_key = (key >= chosen_start) & (key < rejected_start)
+        attention_mask = (key <= query) & ~(rejected_query & chosen_key)
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": attention_mask.unsqueeze(1),
+            "label_positions": torch.cat(positions),
+            "label_ids": torch.cat(ids),
+            "label_sequences": torch.cat(sequences),
+            "label_is_prompt": torch.cat(is_prompt),
+            "num_pairs": num_pairs,
+            "conversation_tokens": conversation_tokens,
+            "input_tokens": int(bounds[:, 2].sum()),
+        }
+
+
+BATCH_LAYOUTS = {"shared_prompt": SharedPromptCollator, "stacked": PreferenceCollator}
+
+
+def make_collator(layout: str, pad_token_id: int, pad_to_multiple_of: int = 8):
+    """The collator of a batch layout: "shared_prompt" or "stacked"."""
+    if layout not in BATCH_LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}; use one of {sorted(BATCH_LAYOUTS)}")
+    return BATCH_LAYOUTS[layout](pad_token_id, pad_to_multiple_of)
+
+
+def row_length(feature: dict[str, Any], layout: str) -> int:
+    """Tokens a tokenized pair occupies in one row of `layout` (what length grouping sorts by)."""
+    if layout == "shared_prompt":
+        return feature["prompt_length"] + feature["chosen_length"] + feature["rejected_length"]
+    return feature["prompt_length"] + max(feature["chosen_length"], feature["rejected_length"])
 
 
 def length_grouped_indices(lengths: list[int], batch_size: int, seed: int, mega_batch_mult: int = 50) -> list[int]:
@@ -225,8 +345,8 @@ def length_grouped_indices(lengths: list[int], batch_size: int, seed: int, mega_
 def padding_stats(batch: dict[str, Any]) -> dict[str, float]:
     """Real tokens, padding tokens and their share in a collated batch (`padding_fraction` metric)."""
     mask = batch["attention_mask"]
-    total = mask.numel()
-    real = int(mask.sum())
+    total = batch["input_ids"].numel() if "input_ids" in batch else mask.numel()
+    real = batch["input_tokens"] if "input_tokens" in batch else int(mask.sum())
     return {
         "real_tokens": float(real),
         "padding_tokens": float(total - real),

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -111,6 +118,12 @@ class TrainConfig(_Section):
         1024, gt=0, description="Tokens per chunk when computing log-probs from hidden states (memory bound)."
     )
     pad_to_multiple_of: int = Field(8, gt=0)
+    batch_layout: Literal["shared_prompt", "stacked"] = Field(
+        "shared_prompt",
+        description="shared_prompt: one row per pair (prompt once, chosen and rejected behind it, no padding "
+        "between them); stacked: chosen and rejected rows as in TRL. Falls back to stacked for models that "
+        "cannot take a 4D attention mask (flash-attention, ALiBi, short sliding windows).",
+    )
     group_by_length: bool = Field(True, description="Batch pairs of similar length to cut padding.")
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="Evaluate on the test split every N steps.")

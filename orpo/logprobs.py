@@ -1,21 +1,26 @@
 """Per-sequence log-probabilities for ORPO, without materialising the (2B, T, V) logits.
 
-The batch is one stack of 2B right-padded rows, [chosen_1..chosen_B; rejected_1..rejected_B] (see
-`orpo.collate.PreferenceCollator`). Row r's token at position t+1 is predicted from the final hidden state
-at position t, so everything here works on "label positions" t = 0..T-2 with labels input_ids[:, 1:].
+A batch comes in one of the two layouts of `orpo.collate`: 2B stacked rows [chosen_1..chosen_B;
+rejected_1..rejected_B], where row r's token t+1 is predicted from the hidden state at t, or one row per
+pair (prompt + chosen + rejected) that lists its labels explicitly. Both become `TokenLabels`: for each
+predicted token, the position of the hidden state that predicts it, the token, and the sequence (0..2B-1,
+chosen then rejected) it belongs to. Everything below works on those.
 
 Two paths compute the same `SequenceLogps`:
 
 - `model_sequence_logps`: runs the model up to its final hidden states, then projects only the positions
   that carry a label we need (response tokens, plus the chosen prompt tokens when the NLL covers the
   prompt) through the output embedding, `chunk_size` tokens at a time, with an autograd function whose
-  backward recomputes each chunk's logits. Extra memory is O(chunk_size x V), whatever B and T are.
+  backward recomputes each chunk's logits. Extra memory is O(chunk_size x V), whatever B and T are. When
+  the output embedding is frozen (LoRA), the forward already computes d logp / d hidden per position
+  (one (n, H) tensor), so the backward needs no second pass over the vocabulary.
 - `plain_sequence_logps`: the reference, through the model's full logits. Tests check the two agree in
   values and gradients.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -41,27 +46,67 @@ class SequenceLogps:
     completion_tokens: torch.Tensor  # (2B,) response tokens per row (the denominator of logps)
 
 
-def _label_masks(
-    completion_mask: torch.Tensor, attention_mask: torch.Tensor, nll_on_prompt: bool, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2B, T-1) float masks over label positions: response labels, and the NLL labels.
+@dataclass
+class TokenLabels:
+    """The predicted tokens of a batch that the loss needs, one entry each (all tensors (N,))."""
+
+    positions: torch.Tensor  # long: index into the batch's flattened (rows * T) hidden states
+    ids: torch.Tensor  # long: the token predicted there
+    sequences: torch.Tensor  # long: 0..B-1 chosen_i, B..2B-1 rejected_i
+    in_response: torch.Tensor  # bool: counts to its sequence's length-normalised logp
+    in_nll: torch.Tensor  # bool: counts to the NLL (chosen sequences only)
+    num_sequences: int  # 2B
+
+
+def stacked_labels(
+    input_ids: torch.Tensor, completion_mask: torch.Tensor, attention_mask: torch.Tensor, nll_on_prompt: bool
+) -> TokenLabels:
+    """Labels of the stacked layout: token t+1 of row r, predicted at position t, where it is needed.
 
     NLL labels are the chosen half's response labels, or, with `nll_on_prompt`, every non-padding label of
     the chosen half (prompt + response minus the first token, which nothing predicts), as TRL does.
     """
-    comp = completion_mask[:, 1:].to(dtype)
-    num_pairs = comp.shape[0] // 2
-    nll = (attention_mask[:, 1:].to(dtype) if nll_on_prompt else comp).clone()
-    nll[num_pairs:] = 0.0
-    return comp, nll
+    rows, length = input_ids.shape
+    comp = completion_mask[:, 1:].bool()
+    nll = (attention_mask[:, 1:].bool() if nll_on_prompt else comp).clone()
+    nll[rows // 2 :] = False
+    row_idx, pos_idx = (comp | nll).nonzero(as_tuple=True)
+    return TokenLabels(
+        positions=row_idx * length + pos_idx,
+        ids=input_ids[row_idx, pos_idx + 1],
+        sequences=row_idx,
+        in_response=comp[row_idx, pos_idx],
+        in_nll=nll[row_idx, pos_idx],
+        num_sequences=rows,
+    )
 
 
-def _reduce(token_logps: torch.Tensor, comp: torch.Tensor, nll: torch.Tensor) -> SequenceLogps:
-    """From (2B, T-1) per-label log-probs and the label masks to per-sequence values."""
-    counts = comp.sum(dim=1)
-    logps = (token_logps * comp).sum(dim=1) / counts.clamp(min=1.0)
+def batch_labels(batch: dict[str, Any], nll_on_prompt: bool) -> TokenLabels:
+    """`TokenLabels` of a batch from either collator of `orpo.collate`."""
+    if "label_positions" not in batch:
+        return stacked_labels(batch["input_ids"], batch["completion_mask"], batch["attention_mask"], nll_on_prompt)
+    is_prompt = batch["label_is_prompt"].bool()
+    keep = ~is_prompt if not nll_on_prompt else torch.ones_like(is_prompt)
+    num_sequences = 2 * batch["input_ids"].shape[0]
+    sequences = batch["label_sequences"][keep]
+    return TokenLabels(
+        positions=batch["label_positions"][keep],
+        ids=batch["label_ids"][keep],
+        sequences=sequences,
+        in_response=~is_prompt[keep],
+        in_nll=sequences < num_sequences // 2,
+        num_sequences=num_sequences,
+    )
+
+
+def _reduce(token_logps: torch.Tensor, labels: TokenLabels) -> SequenceLogps:
+    """From per-label log-probs to per-sequence values."""
+    response = labels.in_response.to(token_logps.dtype)
+    counts = token_logps.new_zeros(labels.num_sequences).index_add(0, labels.sequences, response)
+    sums = token_logps.new_zeros(labels.num_sequences).index_add(0, labels.sequences, token_logps * response)
+    nll = labels.in_nll.to(token_logps.dtype)
     return SequenceLogps(
-        logps=logps,
+        logps=sums / counts.clamp(min=1.0),
         nll_sum=-(token_logps * nll).sum(),
         nll_tokens=nll.sum(),
         completion_tokens=counts,
@@ -100,12 +145,25 @@ def _chunk_logits(
     return logit_softcap * torch.tanh(raw / logit_softcap), raw
 
 
-class _ChunkedTokenLogps(torch.autograd.Function):
-    """log P(target_i | hidden_i) for n selected positions, chunk by chunk, recomputing logits in backward.
+def _logit_grad_chain(raw: torch.Tensor, logit_scale, logit_softcap) -> torch.Tensor | None:
+    """d logits / d raw projection, elementwise (None when it is 1)."""
+    chain = None
+    if logit_softcap is not None:
+        chain = 1.0 - torch.tanh(raw / logit_softcap).square()
+    if logit_scale is not None:
+        chain = logit_scale if chain is None else chain * logit_scale
+    return chain
 
-    Saves its inputs and each position's log-sum-exp; peak extra memory is a few (chunk_size, V) float32
-    buffers (plus one copy of the weight in the compute dtype when that differs from the weight's, e.g.
-    under bf16 autocast).
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log P(target_i | hidden_i) for n selected positions, chunk by chunk.
+
+    Saves its inputs and each position's log-sum-exp, and recomputes a chunk's logits in backward; peak
+    extra memory is a few (chunk_size, V) float32 buffers (plus one copy of the weight in the compute dtype
+    when that differs from the weight's, e.g. under bf16 autocast). When only `hidden` needs a gradient (a
+    frozen output embedding, as under LoRA), the forward computes d out_i / d hidden_i = (onehot - softmax)
+    W per position while it holds the logits, so backward is one multiply instead of two vocabulary-sized
+    matmuls: it saves an (n, H) float32 tensor instead.
     """
 
     @staticmethod
@@ -115,24 +173,43 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         ctx.chunk_size = chunk_size
         ctx.logit_scale = logit_scale
         ctx.logit_softcap = logit_softcap
+        frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        ctx.precomputed = hidden.requires_grad and frozen_head
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         out_dtype = torch.promote_types(compute_dtype, torch.float32)
         out = torch.empty(hidden.shape[0], dtype=out_dtype, device=hidden.device)
         lse = torch.empty_like(out)
+        grad_dir = torch.empty(hidden.shape, dtype=out_dtype, device=hidden.device) if ctx.precomputed else None
         # Autocast off: the dtypes are chosen explicitly, identically in forward and backward.
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 stop = start + chunk_size
-                logits, _ = _chunk_logits(hidden[start:stop].to(compute_dtype), w, b, logit_scale, logit_softcap)
+                logits, raw = _chunk_logits(hidden[start:stop].to(compute_dtype), w, b, logit_scale, logit_softcap)
                 lse[start:stop] = torch.logsumexp(logits, dim=1)
                 out[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - lse[start:stop]
-                del logits
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+                if ctx.precomputed:
+                    chain = _logit_grad_chain(raw, logit_scale, logit_softcap)
+                    # d out / d logits = onehot(target) - softmax(logits), in place.
+                    grad_logits = logits.sub_(lse[start:stop, None]).exp_().neg_()
+                    grad_logits.scatter_add_(1, targets[start:stop, None], torch.ones_like(grad_logits[:, :1]))
+                    if chain is not None:
+                        grad_logits.mul_(chain)
+                    grad_dir[start:stop] = grad_logits.to(compute_dtype) @ w
+                del logits, raw
+        if ctx.precomputed:
+            ctx.save_for_backward(grad_dir)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.hidden_dtype = hidden.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.precomputed:
+            (grad_dir,) = ctx.saved_tensors
+            grad_h = (grad_dir * grad_out.to(grad_dir.dtype)[:, None]).to(ctx.hidden_dtype)
+            return grad_h, None, None, None, None, None, None
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         compute_dtype = ctx.compute_dtype
@@ -149,16 +226,15 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 stop = start + ctx.chunk_size
                 h = hidden[start:stop].to(compute_dtype)
                 logits, raw = _chunk_logits(h, w, b, ctx.logit_scale, ctx.logit_softcap)
+                chain = _logit_grad_chain(raw, ctx.logit_scale, ctx.logit_softcap)
                 g = grad_out[start:stop]
                 # d logp_target / d logits = onehot(target) - softmax(logits); softmax in place from the
-                # forward's log-sum-exp (raw is only read again with softcapping, when it is another tensor).
+                # forward's log-sum-exp (the chain is computed first: raw may be the same tensor).
                 grad_logits = logits.sub_(lse[start:stop, None]).exp_().mul_(-g[:, None])
                 grad_logits.scatter_add_(1, targets[start:stop, None], g[:, None])
-                if ctx.logit_softcap is not None:
-                    grad_logits.mul_(1.0 - torch.tanh(raw / ctx.logit_softcap).square())
-                if ctx.logit_scale is not None:
-                    grad_logits.mul_(ctx.logit_scale)
-                del logits, raw
+                if chain is not None:
+                    grad_logits.mul_(chain)
+                del logits, raw, chain
                 if need_h:
                     grad_h[start:stop] = (grad_logits.to(compute_dtype) @ w).to(hidden.dtype)
                 if need_w:
@@ -177,6 +253,38 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         )
 
 
+def labelled_sequence_logps(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: TokenLabels,
+    *,
+    chunk_size: int,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    logit_softcap: float | None = None,
+) -> SequenceLogps:
+    """Sequence log-probs from final hidden states (after the final norm), the output embedding and labels.
+
+    Args:
+        hidden: (rows, T, H) final hidden states of the batch (either layout).
+        lm_head_weight: (V, H) output embedding (tied or not); lm_head_bias: (V,) or None.
+        labels: which positions predict which tokens of which sequence (`batch_labels`).
+        chunk_size: label positions projected at once; bounds the extra memory at O(chunk_size x V).
+        logit_scale, logit_softcap: for models whose logits are `scale * (h W^T)` (Cohere; Granite's
+            `1 / logits_scaling`) or `cap * tanh(z / cap)` (Gemma 2 final softcapping).
+
+    Only the labelled positions are projected. The log-softmax is computed in float32; the projection
+    matmul runs in the weight's dtype (or autocast's under mixed precision), like the model's own lm_head.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, labels.positions)
+    token_logps = _ChunkedTokenLogps.apply(
+        selected, lm_head_weight, lm_head_bias, labels.ids, chunk_size, logit_scale, logit_softcap
+    )
+    return _reduce(token_logps, labels)
+
+
 def chunked_sequence_logps(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -190,48 +298,66 @@ def chunked_sequence_logps(
     logit_scale: float | None = None,
     logit_softcap: float | None = None,
 ) -> SequenceLogps:
-    """Sequence log-probs from final hidden states (after the final norm) and the output embedding.
-
-    Args:
-        hidden: (2B, T, H) final hidden states of the stacked [chosen; rejected] batch.
-        lm_head_weight: (V, H) output embedding (tied or not); lm_head_bias: (V,) or None.
-        input_ids, completion_mask, attention_mask: (2B, T) from `PreferenceCollator`.
-        nll_on_prompt: NLL over the chosen prompt + response (TRL / official code) or response only (paper).
-        chunk_size: label positions projected at once; bounds the extra memory at O(chunk_size x V).
-        logit_scale, logit_softcap: for models whose logits are `scale * (h W^T)` (Cohere; Granite's
-            `1 / logits_scaling`) or `cap * tanh(z / cap)` (Gemma 2 final softcapping).
-
-    Only label positions that are needed are projected. The log-softmax is computed in float32; the
-    projection matmul runs in the weight's dtype (or autocast's under mixed precision), like the model's
-    own lm_head would.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    rows, length, width = hidden.shape
-    if input_ids.shape != (rows, length):
+    """`labelled_sequence_logps` of a stacked batch (2B rows; masks from `PreferenceCollator`)."""
+    if hidden.shape[:2] != input_ids.shape:
         raise ValueError(f"hidden is {tuple(hidden.shape)} but input_ids is {tuple(input_ids.shape)}")
-    comp, nll = _label_masks(
-        completion_mask, attention_mask, nll_on_prompt, torch.promote_types(hidden.dtype, torch.float32)
+    labels = stacked_labels(input_ids, completion_mask, attention_mask, nll_on_prompt)
+    return labelled_sequence_logps(
+        hidden, lm_head_weight, labels, chunk_size=chunk_size, lm_head_bias=lm_head_bias,
+        logit_scale=logit_scale, logit_softcap=logit_softcap,
     )
-    needed = (comp + nll) > 0  # (2B, T-1) label positions to project
-    row_idx, pos_idx = needed.nonzero(as_tuple=True)
-    flat = row_idx * length + pos_idx  # index into the (2B*T) grid of hidden positions
-    selected = hidden.reshape(rows * length, width).index_select(0, flat)
-    targets = input_ids.reshape(-1).index_select(0, flat + 1)
-    token_logps = _ChunkedTokenLogps.apply(
-        selected, lm_head_weight, lm_head_bias, targets, chunk_size, logit_scale, logit_softcap
-    )
-    grid = token_logps.new_zeros(rows * length).index_add(0, flat, token_logps)
-    return _reduce(grid.view(rows, length)[:, :-1], comp, nll)
+
+
+def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of the model's forward for a batch of either layout.
+
+    The shared-prompt layout's boolean 4D mask goes to SDPA as it is; eager attention adds its mask to the
+    scores, so it gets the additive form (0 where allowed, the dtype's minimum elsewhere).
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if "position_ids" not in batch:
+        return inputs
+    inputs["position_ids"] = batch["position_ids"]
+    config = getattr(unwrap_model(model), "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        dtype = next(model.parameters()).dtype
+        allowed = batch["attention_mask"]
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        inputs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return inputs
+
+
+def shared_prompt_unsupported(model: nn.Module, max_length: int | None = None) -> str | None:
+    """Why this model cannot run the shared-prompt layout, or None when it can.
+
+    The layout needs a forward that takes `position_ids` and hands a custom 4D mask to SDPA or eager
+    attention unchanged (transformers' masking utilities do). Flash-attention kernels take no such mask;
+    ALiBi models position tokens through the mask, not `position_ids`; and a custom mask replaces a
+    sliding window, which is only harmless when a whole row (up to 2 x max_length) fits in the window.
+    """
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in ("sdpa", "eager"):
+        return f"attention implementation {implementation!r} takes no custom 4D attention mask"
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no position_ids"
+    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
+        return "ALiBi positions come from the attention mask, not position_ids"
+    window = getattr(config, "sliding_window", None)
+    if window and (max_length is None or 2 * max_length > window):
+        return f"sliding-window attention ({window} tokens) is shorter than a row of 2 x max_length ({max_length})"
+    return None
 
 
 def plain_sequence_logps(model: nn.Module, batch: dict[str, Any], *, nll_on_prompt: bool) -> SequenceLogps:
-    """Reference path: the model's full (2B, T, V) logits, log-softmax in float32. Memory-hungry."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logprobs = torch.log_softmax(at_least_float32(logits[:, :-1]), dim=-1)
-    token_logps = logprobs.gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
-    comp, nll = _label_masks(batch["completion_mask"], batch["attention_mask"], nll_on_prompt, token_logps.dtype)
-    return _reduce(token_logps, comp, nll)
+    """Reference path: the model's full logits, log-softmax in float32. Memory-hungry."""
+    logits = model(**model_inputs(model, batch)).logits
+    labels = batch_labels(batch, nll_on_prompt)
+    selected = logits.reshape(-1, logits.shape[-1]).index_select(0, labels.positions)
+    logprobs = torch.log_softmax(at_least_float32(selected), dim=-1)
+    return _reduce(logprobs.gather(1, labels.ids[:, None]).squeeze(1), labels)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -303,6 +429,7 @@ def model_sequence_logps(
         return plain_sequence_logps(model, batch, nll_on_prompt=nll_on_prompt)
     scale, softcap = _logit_transform(getattr(inner, "config", None))
     input_ids = batch["input_ids"]
+    labels = batch_labels(batch, nll_on_prompt)
     captured: list[SequenceLogps] = []
 
     def intercept(module: nn.Module, args: tuple) -> tuple:
@@ -315,13 +442,10 @@ def model_sequence_logps(
                 f"{tuple(input_ids.shape)}; the model sliced them (logits_to_keep?)"
             )
         captured.append(
-            chunked_sequence_logps(
+            labelled_sequence_logps(
                 hidden,
                 module.weight,
-                input_ids,
-                batch["completion_mask"],
-                batch["attention_mask"],
-                nll_on_prompt=nll_on_prompt,
+                labels,
                 chunk_size=chunk_size,
                 lm_head_bias=module.bias,
                 logit_scale=scale,
@@ -332,7 +456,7 @@ def model_sequence_logps(
 
     handle = head.register_forward_pre_hook(intercept)
     try:
-        model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False)
+        model(**model_inputs(model, batch))
     finally:
         handle.remove()
     if not captured:

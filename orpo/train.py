@@ -241,28 +241,42 @@ SUM_KEYS = (
     "rejected_logps_sum",
     "correct",
     "real_tokens",
+    "input_tokens",
     "padded_tokens",
 )
 
 
-def batch_sums(out, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The summable statistics of one micro-batch (see `SUM_KEYS`), as one float64 vector on its device."""
+def batch_sums(out, token_counts: dict[str, int], computed_positions: int) -> torch.Tensor:
+    """The summable statistics of one micro-batch (see `SUM_KEYS`), as one float64 vector on its device.
+
+    `token_counts` are the collator's: `conversation_tokens` (the pairs as two conversations each: the
+    tokens that throughput counts, whatever the layout) and `input_tokens` (non-padding positions computed);
+    `computed_positions` is the batch's rows x length.
+    """
     import torch
 
     pairs = out.chosen_logps.shape[0]
+    device = out.nll_sum.device
     values = [
         out.nll_sum,
         out.nll_tokens,
-        torch.tensor(float(pairs), device=out.nll_sum.device),
+        torch.tensor(float(pairs), device=device),
         out.log_sigmoid_ratio.sum(),
         out.log_odds_chosen * pairs,  # ORPOOutput holds its mean
         out.chosen_logps.sum(),
         out.rejected_logps.sum(),
         (out.chosen_rewards > out.rejected_rewards).sum(),  # TRL's accuracy: rewards, not logps
-        attention_mask.sum(),
-        torch.tensor(float(attention_mask.numel()), device=out.nll_sum.device),
+        torch.tensor(float(token_counts["conversation_tokens"]), device=device),
+        torch.tensor(float(token_counts["input_tokens"]), device=device),
+        torch.tensor(float(computed_positions), device=device),
     ]
     return torch.stack([v.detach().to(torch.float64) for v in values])
+
+
+def _pop_counts(batch: dict[str, Any]) -> tuple[int, dict[str, int]]:
+    """Take the collator's host-side numbers out of a batch, leaving only tensors to move to the device."""
+    counts = {key: batch.pop(key) for key in ("conversation_tokens", "input_tokens")}
+    return batch.pop("num_pairs"), counts
 
 
 def metrics_from_sums(sums: dict[str, float], orpo_lambda: float) -> dict[str, float]:
@@ -283,7 +297,7 @@ def metrics_from_sums(sums: dict[str, float], orpo_lambda: float) -> dict[str, f
         "rewards/margins": orpo_lambda * (chosen - rejected),
         "logps/chosen": chosen,
         "logps/rejected": rejected,
-        "padding_fraction": 1.0 - sums["real_tokens"] / max(sums["padded_tokens"], 1.0),
+        "padding_fraction": 1.0 - sums["input_tokens"] / max(sums["padded_tokens"], 1.0),
     }
 
 
@@ -493,11 +507,14 @@ _TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
                   "prompt_length", "chosen_length", "rejected_length", "length")
 
 
-def _setup_data(dataset_dir: Path, tokenizer, train_cfg: TrainConfig) -> PairData:
-    """Load the prepared DatasetDict and tokenize both splits once, in memory (the source stays untouched)."""
+def _setup_data(dataset_dir: Path, tokenizer, train_cfg: TrainConfig, layout: str) -> PairData:
+    """Load the prepared DatasetDict and tokenize both splits once, in memory (the source stays untouched).
+
+    The lengths that batching sorts by are the pairs' row lengths in the batch layout used.
+    """
     import datasets
 
-    from orpo.collate import tokenize_pair
+    from orpo.collate import row_length, tokenize_pair
 
     if not dataset_dir.is_dir():
         raise ConfigError(f"dataset directory {dataset_dir} does not exist; prepare it first with `orpo data binarize`")
@@ -518,13 +535,17 @@ def _setup_data(dataset_dir: Path, tokenizer, train_cfg: TrainConfig) -> PairDat
             desc="tokenizing",
         )
 
+    def lengths(split) -> list[int]:
+        columns = split.select_columns(["prompt_length", "chosen_length", "rejected_length"]).to_dict()
+        return [row_length(dict(zip(columns, values)), layout) for values in zip(*columns.values())]
+
     train = tokenize(splits["train"])
     test = tokenize(splits["test"]) if "test" in splits and len(splits["test"]) else None
     return PairData(
         train=train,
         test=test,
-        train_lengths=list(train["length"]),
-        test_lengths=list(test["length"]) if test is not None else [],
+        train_lengths=lengths(train),
+        test_lengths=lengths(test) if test is not None else [],
     )
 
 
@@ -572,7 +593,8 @@ class ORPORecipe:
         from accelerate import Accelerator
         from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
-        from orpo.collate import PreferenceCollator
+        from orpo.collate import make_collator
+        from orpo.logprobs import shared_prompt_unsupported
         from orpo.loss import ORPOLoss
 
         cfg = self.config.train
@@ -609,10 +631,17 @@ class ORPORecipe:
             log.info("%s: %d of %d parameters trainable (%.2f%%)", "LoRA" if self.is_lora else "full fine-tuning",
                      trainable, total, 100 * trainable / max(total, 1))
 
+        self.batch_layout = cfg.batch_layout
+        if self.batch_layout == "shared_prompt":
+            reason = shared_prompt_unsupported(model, cfg.max_length)
+            if reason is not None:
+                log.warning("batch layout 'shared_prompt' is not possible (%s); using 'stacked'", reason)
+                self.batch_layout = "stacked"
+
         optimizer = _setup_optimizer(model, cfg)
         # Every process tokenizes the whole dataset (in memory, nothing cached to share), so each knows
         # every step's pairs and normalisers.
-        self.data = _setup_data(self.dataset_dir, self.tokenizer, cfg)
+        self.data = _setup_data(self.dataset_dir, self.tokenizer, cfg, self.batch_layout)
         self.plan = BatchPlan(
             self.data.train_lengths,
             per_device_batch_size=cfg.per_device_batch_size,
@@ -641,7 +670,7 @@ class ORPORecipe:
         if self.is_lora and acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             _checkpoint_trainable_weights_only(acc)
 
-        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, cfg.pad_to_multiple_of)
+        self.collator = make_collator(self.batch_layout, self.tokenizer.pad_token_id, cfg.pad_to_multiple_of)
         self.loss_fn = ORPOLoss(cfg.orpo_lambda)
         # All parameters (frozen ones have no gradient and are skipped): under FSDP accelerate recognises the
         # model's own parameter list and clips with the sharded norm.
@@ -720,7 +749,7 @@ class ORPORecipe:
         sums = None
         for micro in self.plan.micro_batches(self.global_step, acc.process_index):
             batch = self.collator([features[position[i]] for i in micro])
-            num_pairs = batch.pop("num_pairs")
+            num_pairs, counts = _pop_counts(batch)
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             # Inside accumulate(), DDP skips the gradient all-reduce until the step's last micro-batch.
             with acc.accumulate(self.model):
@@ -731,7 +760,7 @@ class ORPORecipe:
                 # processes and accelerator.backward divides by the accumulation steps: undo both, so
                 # the summed gradients are exactly those of the step's loss.
                 acc.backward(out.loss * (world * accumulation))
-            micro_sums = batch_sums(out, batch["attention_mask"])
+            micro_sums = batch_sums(out, counts, batch["input_ids"].numel())
             sums = micro_sums if sums is None else sums + micro_sums
             del seq, out, batch  # before the next forward, not after it
 
@@ -787,13 +816,13 @@ class ORPORecipe:
                 rows = self.data.test[indices if real else [0]]
                 features = [{k: rows[k][i] for k in _TOKEN_COLUMNS} for i in range(len(rows["length"]))]
                 batch = self.collator(features)
-                num_pairs = batch.pop("num_pairs")
+                num_pairs, counts = _pop_counts(batch)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 seq = model_sequence_logps(self.model, batch, nll_on_prompt=cfg.nll_on_prompt,
                                            chunk_size=cfg.logprob_chunk_size)
                 out = self.loss_fn(seq, num_pairs)
                 if real:
-                    total += batch_sums(out, batch["attention_mask"]).to(self.sum_dtype)
+                    total += batch_sums(out, counts, batch["input_ids"].numel()).to(self.sum_dtype)
         self.model.train()
         sums = dict(zip(SUM_KEYS, acc.reduce(total, reduction="sum").tolist()))
         metrics = metrics_from_sums(sums, cfg.orpo_lambda)

@@ -237,17 +237,18 @@ def test_eval_batches_give_every_process_the_same_number_of_batches():
     assert shards[1][-1] == [] and shards[2][-1] == []  # out of pairs: an empty batch, run as padding and ignored
 
 
+@pytest.mark.parametrize("layout", ["stacked", "shared_prompt"])
 @pytest.mark.parametrize("nll_on_prompt", [False, True])
-def test_nll_token_count_matches_logprobs(nll_on_prompt, tiny_model_and_tokenizer):
+def test_nll_token_count_matches_logprobs(nll_on_prompt, layout, tiny_model_and_tokenizer):
     """The step normalisers are counted from token lengths before any forward; they must equal the
-    token counts orpo.logprobs actually sums over."""
-    from orpo.collate import PreferenceCollator, tokenize_pair
+    token counts orpo.logprobs actually sums over, in either batch layout."""
+    from orpo.collate import make_collator, tokenize_pair
     from orpo.logprobs import model_sequence_logps
     from orpo.train import nll_token_count
 
     model, tokenizer = tiny_model_and_tokenizer
     features = [tokenize_pair(pair, tokenizer, 64, 32) for pair in toy_pairs(5, seed=9)]
-    batch = PreferenceCollator(tokenizer.pad_token_id)(features)
+    batch = make_collator(layout, tokenizer.pad_token_id)(features)
     seq = model_sequence_logps(model, batch, nll_on_prompt=nll_on_prompt, chunk_size=16)
     assert seq.nll_tokens.item() == sum(nll_token_count(f, nll_on_prompt) for f in features)
 
@@ -256,8 +257,8 @@ def test_metrics_from_sums_are_global_means():
     from orpo.train import metrics_from_sums
 
     sums = {"nll_sum": 30.0, "nll_tokens": 10.0, "pairs": 4.0, "log_sigmoid_sum": -2.0, "log_ratio_sum": 1.0,
-            "chosen_logps_sum": -4.0, "rejected_logps_sum": -8.0, "correct": 3.0, "real_tokens": 75.0,
-            "padded_tokens": 100.0}
+            "chosen_logps_sum": -4.0, "rejected_logps_sum": -8.0, "correct": 3.0, "real_tokens": 90.0,
+            "input_tokens": 75.0, "padded_tokens": 100.0}
     metrics = metrics_from_sums(sums, orpo_lambda=0.1)
     assert metrics["nll_loss"] == 3.0
     assert metrics["log_odds_ratio"] == -0.5

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orpo.collate import PreferenceCollator, tokenize_pair
+from orpo.collate import make_collator, tokenize_pair
 from orpo.logprobs import model_sequence_logps
 from orpo.loss import ORPOLoss
 
@@ -106,12 +106,13 @@ def test_tokenization_matches_trl_up_to_its_extra_eos(trl_trainer) -> None:
             assert trl_features[side] == ours[side] + [tokenizer.eos_token_id]
 
 
+@pytest.mark.parametrize("layout", ["stacked", "shared_prompt"])
 @pytest.mark.parametrize(
     ("model_and_tokenizer", "chunk_size"),
     [("tiny-llama", 5), ("tiny-llama", 4096), pytest.param("smollm2", 32, marks=pytest.mark.slow)],
     indirect=["model_and_tokenizer"],
 )
-def test_loss_metrics_and_gradients_equal_trl(trl_trainer, chunk_size: int, request) -> None:
+def test_loss_metrics_and_gradients_equal_trl(trl_trainer, chunk_size: int, layout: str, request) -> None:
     """Loss and metrics within 1e-5: absolute on the tiny model, relative on SmolLM2.
 
     Gradients, relative to each parameter's gradient norm: within 1e-5 on the tiny model (seen: 2.5e-7).
@@ -132,7 +133,7 @@ def test_loss_metrics_and_gradients_equal_trl(trl_trainer, chunk_size: int, requ
     model.zero_grad()
 
     features = _our_features_from_trl_rows(rows)
-    batch = PreferenceCollator(pad_token_id=trainer.padding_value, pad_to_multiple_of=8)(features)
+    batch = make_collator(layout, pad_token_id=trainer.padding_value, pad_to_multiple_of=8)(features)
     seq = model_sequence_logps(model, batch, nll_on_prompt=True, chunk_size=chunk_size)
     out = ORPOLoss(orpo_lambda=LAMBDA)(seq, num_pairs=batch["num_pairs"])
     out.loss.backward()
