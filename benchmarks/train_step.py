@@ -15,6 +15,11 @@ is computed: TRL pads chosen and rejected of a random batch to one length (4 row
 prompt computed once (`batch_layout: shared_prompt`; `ours-stacked` is our 4-row layout), and project only
 the label positions through the output embedding, chunk by chunk.
 
+By default TRL trains on exactly our batches, step by step (`--trl-batches ours`: its sampler yields the
+pairs in the order our trainer consumes them, length grouping included), so both see the same pairs and
+any difference is how a batch is computed. `--trl-batches random` gives TRL its own random sampler, as a
+default TRL run would, which adds padding on TRL's side.
+
 Data: the 805 AlpacaEval instructions with two real answers each (GPT-4 Turbo's as chosen,
 Mistral-ORPO-beta's as rejected, from ../shared/data/alpaca_eval), so lengths vary like real preference
 data. Pairs whose prompt takes more than half the sequence length are dropped, so neither trainer
@@ -231,8 +236,20 @@ def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, st
                      params=sum(p.numel() for p in model.parameters()), peak_flops=peak_flops)
 
 
+def our_pair_order(rows: list[dict], tokenizer, seq_len: int) -> list[int]:
+    """The order in which our trainer (default layout, seed and length grouping) consumes `rows` in epoch 0."""
+    from orpo.collate import row_length, tokenize_pair
+    from orpo.config import TrainConfig
+    from orpo.train import BatchPlan
+
+    lengths = [row_length(tokenize_pair(row, tokenizer, seq_len, seq_len // 2), "shared_prompt") for row in rows]
+    plan = BatchPlan(lengths, per_device_batch_size=BATCH_PAIRS, num_processes=1, gradient_accumulation_steps=1,
+                     seed=TrainConfig.model_fields["seed"].default, group_by_length=True)
+    return plan.epoch_order(0)
+
+
 def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
-            peak_flops: float | None) -> dict:
+            peak_flops: float | None, order: list[int] | None = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -277,8 +294,13 @@ def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, ste
     peft_config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"]) if lora else None
-    trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          data_collator=recording_collator, peft_config=peft_config, callbacks=[Timer()])
+    class Trainer(ORPOTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            # Our pair order (same batches, step by step) when given, else TRL's own random sampler.
+            return order if order is not None else super()._get_train_sampler(*args, **kwargs)
+
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      data_collator=recording_collator, peft_config=peft_config, callbacks=[Timer()])
     touch_parameters(trainer.model)
     baseline = memory_baseline(device)
     with RssSampler() as sampler:
@@ -304,11 +326,13 @@ def worker(args: argparse.Namespace) -> None:
     options = {"lora": args.model.endswith("lora"), "seq_len": args.seq_len, "steps": args.steps,
                "device": args.device, "peak_flops": args.peak_flops}
     if args.trainer == "trl":
-        result = run_trl(path, rows, **options)
+        order = our_pair_order(rows, tokenizer, args.seq_len) if args.trl_batches == "ours" else None
+        result = run_trl(path, rows, order=order, **options)
     else:
         layout = "stacked" if args.trainer == "ours-stacked" else "shared_prompt"
         result = run_ours(path, rows, layout=layout, **options)
-    result.update(trainer=args.trainer, model=args.model, seq_len=args.seq_len, pairs_available=len(rows))
+    result.update(trainer=args.trainer, model=args.model, seq_len=args.seq_len, pairs_available=len(rows),
+                  trl_batches=args.trl_batches if args.trainer == "trl" else None)
     Path(args.worker_out).write_text(json.dumps(result))
 
 
@@ -333,7 +357,8 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     command = [sys.executable, __file__, "--worker", "--trainer", trainer, "--model", model,
                "--seq-len", str(seq_len), "--steps", str(steps), "--device", args.device,
-               "--pairs", str(args.pairs), "--cache", str(args.cache), "--worker-out", str(out)]
+               "--pairs", str(args.pairs), "--cache", str(args.cache), "--worker-out", str(out),
+               "--trl-batches", args.trl_batches]
     if peak_flops:
         command += ["--peak-flops", str(peak_flops)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -407,6 +432,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=["ours", "trl"],
                         help="ours = shared-prompt layout (the default), ours-stacked = 2B rows like TRL's")
+    parser.add_argument("--trl-batches", choices=["ours", "random"], default="ours",
+                        help="ours: TRL trains on exactly our batches, step by step (our length grouping included); "
+                             "random: TRL's own random sampler (default TRL usage, more padding)")
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="steps of the separate memory run (CPU), warm-up included (default 2)")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="default 256 1024 (--quick: 256)")
@@ -471,7 +499,7 @@ def main() -> None:
                  "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
         "settings": {"batch_pairs": BATCH_PAIRS, "steps": args.steps, "memory_steps": args.memory_steps,
                      "threads": args.threads, "seq_lens": args.seq_lens, "pairs": args.pairs,
-                     "trainers": args.trainers, "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
+                     "trainers": args.trainers, "trl_batches": args.trl_batches, "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
                      "memory_run_malloc_mmap_threshold": 1048576},
         "results": results,
         "comparisons": comparisons,

@@ -49,7 +49,7 @@ def pair_margins(
     max_length: int = 1024,
     max_prompt_length: int = 512,
     batch_size: int = 4,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> list[float]:
     """log_odds(chosen) - log_odds(rejected) of each pair, in input order."""
     import torch

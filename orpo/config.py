@@ -115,7 +115,10 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="no on CPU; bf16 on modern GPUs.")
     gradient_checkpointing: bool = False
     logprob_chunk_size: int = Field(
-        1024, gt=0, description="Tokens per chunk when computing log-probs from hidden states (memory bound)."
+        256,
+        gt=0,
+        description="Label positions projected through the output embedding at once: the loss's extra memory is "
+        "a few chunk x vocab float32 buffers (256 x 49k: 50 MB each).",
     )
     pad_to_multiple_of: int = Field(8, gt=0)
     batch_layout: Literal["shared_prompt", "stacked"] = Field(
