@@ -3,7 +3,7 @@
 For each test pair, the model's length-normalised log-probability of each response (the quantity ORPO
 trains, `orpo.logprobs.model_sequence_logps`) becomes log-odds (`orpo.loss.log_odds`), and the margin is
 log_odds(chosen) - log_odds(rejected). Accuracy is the share of pairs with a positive margin. Pairs are
-tokenized with the training code's own `orpo.collate.tokenize_pair` and `PreferenceCollator`, so the
+tokenized and batched with the training code's own `orpo.collate` (same layout as training), so the
 numbers match what training optimises.
 """
 
@@ -54,12 +54,14 @@ def pair_margins(
     """log_odds(chosen) - log_odds(rejected) of each pair, in input order."""
     import torch
 
-    from orpo.collate import PreferenceCollator, tokenize_pair
-    from orpo.logprobs import model_sequence_logps
+    from orpo.collate import make_collator, tokenize_pair
+    from orpo.logprobs import model_sequence_logps, shared_prompt_unsupported
     from orpo.loss import log_odds
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = PreferenceCollator(pad_token_id=pad_id)
+    # Training's default layout (each prompt computed once) where the model allows it.
+    layout = "stacked" if shared_prompt_unsupported(model, max_length) else "shared_prompt"
+    collate = make_collator(layout, pad_token_id=pad_id)
     features = [tokenize_pair(p, tokenizer, max_length, max_prompt_length) for p in pairs]
     device = next(model.parameters()).device
     margins: list[float] = []

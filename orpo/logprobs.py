@@ -320,7 +320,8 @@ def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     inputs["position_ids"] = batch["position_ids"]
     config = getattr(unwrap_model(model), "config", None)
     if getattr(config, "_attn_implementation", "sdpa") == "eager":
-        dtype = next(model.parameters()).dtype
+        # The first floating-point parameter: quantized (QLoRA) weights are integer tensors.
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         allowed = batch["attention_mask"]
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         inputs["attention_mask"] = additive.masked_fill_(~allowed, torch.finfo(dtype).min)

@@ -155,3 +155,13 @@ def test_frozen_output_embedding_gradient_computed_in_forward(scale, softcap) ->
         lambda h: _ChunkedTokenLogps.apply(h, w, None, targets, 4, scale, softcap), (hidden.clone().requires_grad_(),)
     )
     assert check
+
+
+def test_preference_margins_are_the_same_in_either_layout(tiny_model_and_tokenizer) -> None:
+    from evals.preference import pair_margins
+
+    model, tokenizer = tiny_model_and_tokenizer
+    shared = pair_margins(model, tokenizer, EXAMPLES, max_length=96, max_prompt_length=48)
+    model.config.sliding_window = 8  # forces the stacked layout
+    stacked = pair_margins(model, tokenizer, EXAMPLES, max_length=96, max_prompt_length=48)
+    assert shared == pytest.approx(stacked, rel=1e-4, abs=1e-5)
