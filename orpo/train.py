@@ -480,8 +480,8 @@ def _setup_optimizer(model, train_cfg: TrainConfig) -> torch.optim.Optimizer:
             import bitsandbytes as bnb
         except ImportError as exc:
             raise ConfigError(
-                "train.optimizer=adamw_8bit needs the bitsandbytes package (pip install bitsandbytes) and a GPU; "
-                "or set train.optimizer=adamw"
+                "train.optimizer=adamw_8bit needs the bitsandbytes package (pip install 'bitsandbytes>=0.48'; "
+                "it runs on CPU and GPU), or set train.optimizer=adamw"
             ) from exc
         return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from orpo.config import PipelineConfig, validate_config
 
@@ -105,6 +106,35 @@ def test_training_lowers_loss_and_learns_held_out_preference(lora, tiny_model_di
                  "learning_rate", "tokens_per_second", "peak_memory_mb", "padding_fraction", "epoch"):
         assert name in after, name
     assert result.is_lora is lora and result.global_step == 20
+
+
+def test_eight_bit_adamw_trains_on_cpu(toy_dataset, tmp_path):
+    """bitsandbytes' 8-bit AdamW (CPU-capable since 0.48) keeps its moments in uint8 and still learns.
+
+    bitsandbytes keeps 32-bit moments for tensors under 4096 elements (its min_8bit_size); the rest are 8-bit.
+    """
+    pytest.importorskip("bitsandbytes")
+    from orpo.models import build_tiny_llama
+    from orpo.train import ORPORecipe
+
+    model, tokenizer = build_tiny_llama(seed=0, hidden_size=64, layers=2)  # 64 x 256 MLP weights: 8-bit moments
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = toy_config(tmp_path, tmp_path / "model", optimizer="adamw_8bit", lora={"enabled": False})
+    recipe = ORPORecipe(config, toy_dataset, tmp_path / "out")
+    recipe.setup()
+    try:
+        before = recipe.evaluate()
+        recipe.train()
+        after = recipe.evaluate()
+        optimizer = getattr(recipe.optimizer, "optimizer", recipe.optimizer)  # inside accelerate's wrapper
+        states = [(param.numel(), state["state1"].dtype) for param, state in optimizer.state.items()]
+    finally:
+        recipe.cleanup()
+    large = [dtype for numel, dtype in states if numel >= 4096]
+    assert large and all(dtype == torch.uint8 for dtype in large), sorted(states)[-5:]
+    assert after["eval_loss"] < before["eval_loss"]
+    assert after["eval_rewards/margins"] > before["eval_rewards/margins"]
 
 
 def test_lora_export_adapter_and_merged_model(tiny_model_dir, toy_dataset, tmp_path):
