@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/train_step.py --device cuda           # also MFU and CUDA peak memory
     .venv/bin/python benchmarks/train_step.py --models smollm2-lora --seq-lens 1024 --steps 4
     .venv/bin/python benchmarks/train_step.py --trainers ours ours-stacked trl    # also our stacked layout
+    .venv/bin/python benchmarks/train_step.py --models smollm2-full --optimizer adamw_8bit   # both 8-bit AdamW
 
 Same model, same preference pairs, same batch size (2 pairs) and sequence length, gradient checkpointing on
 for both, fp32 on CPU (bf16 weights and autocast on CUDA), the same LoRA adapter (r 16, alpha 32, no
@@ -193,7 +194,7 @@ def summarise(times: list[float], tokens: list[int], padded: list[int], *, devic
 
 
 def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
-             peak_flops: float | None, layout: str = "shared_prompt") -> dict:
+             peak_flops: float | None, optimizer: str, layout: str = "shared_prompt") -> dict:
     import torch
     from datasets import Dataset, DatasetDict
 
@@ -211,7 +212,7 @@ def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, st
             "nll_on_prompt": True, "gradient_checkpointing": True,
             "mixed_precision": "bf16" if device == "cuda" else "no",
             "logging_steps": 10**6, "lora": {"enabled": lora, "r": 16, "alpha": 32, "dropout": 0.0},
-            "batch_layout": layout,
+            "batch_layout": layout, "optimizer": optimizer,
         },
     })
     recipe = ORPORecipe(config, work / "data", work / "out")
@@ -249,7 +250,7 @@ def our_pair_order(rows: list[dict], tokenizer, seq_len: int) -> list[int]:
 
 
 def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
-            peak_flops: float | None, order: list[int] | None = None) -> dict:
+            peak_flops: float | None, optimizer: str, order: list[int] | None = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -290,6 +291,7 @@ def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, ste
         gradient_accumulation_steps=1, learning_rate=LEARNING_RATE, beta=ORPO_LAMBDA, max_length=seq_len,
         gradient_checkpointing=True, bf16=device == "cuda", use_cpu=device == "cpu", report_to="none",
         save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, remove_unused_columns=False, seed=0,
+        **({"optim": "adamw_bnb_8bit"} if optimizer == "adamw_8bit" else {}),  # else TRL's default AdamW
     )
     peft_config = LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0, bias="none",
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -324,7 +326,7 @@ def worker(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(str(path))
     rows = keep_short_prompts(preference_rows(args.pairs), tokenizer, args.seq_len)
     options = {"lora": args.model.endswith("lora"), "seq_len": args.seq_len, "steps": args.steps,
-               "device": args.device, "peak_flops": args.peak_flops}
+               "device": args.device, "peak_flops": args.peak_flops, "optimizer": args.optimizer}
     if args.trainer == "trl":
         order = our_pair_order(rows, tokenizer, args.seq_len) if args.trl_batches == "ours" else None
         result = run_trl(path, rows, order=order, **options)
@@ -358,7 +360,7 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
     command = [sys.executable, __file__, "--worker", "--trainer", trainer, "--model", model,
                "--seq-len", str(seq_len), "--steps", str(steps), "--device", args.device,
                "--pairs", str(args.pairs), "--cache", str(args.cache), "--worker-out", str(out),
-               "--trl-batches", args.trl_batches]
+               "--trl-batches", args.trl_batches, "--optimizer", args.optimizer]
     if peak_flops:
         command += ["--peak-flops", str(peak_flops)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -435,6 +437,8 @@ def main() -> None:
     parser.add_argument("--trl-batches", choices=["ours", "random"], default="ours",
                         help="ours: TRL trains on exactly our batches, step by step (our length grouping included); "
                              "random: TRL's own random sampler (default TRL usage, more padding)")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw",
+                        help="for both trainers: torch AdamW, or bitsandbytes' 8-bit AdamW (TRL: adamw_bnb_8bit)")
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="steps of the separate memory run (CPU), warm-up included (default 2)")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="default 256 1024 (--quick: 256)")
@@ -499,7 +503,8 @@ def main() -> None:
                  "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
         "settings": {"batch_pairs": BATCH_PAIRS, "steps": args.steps, "memory_steps": args.memory_steps,
                      "threads": args.threads, "seq_lens": args.seq_lens, "pairs": args.pairs,
-                     "trainers": args.trainers, "trl_batches": args.trl_batches, "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
+                     "trainers": args.trainers, "trl_batches": args.trl_batches, "optimizer": args.optimizer,
+                     "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
                      "memory_run_malloc_mmap_threshold": 1048576},
         "results": results,
         "comparisons": comparisons,
