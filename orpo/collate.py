@@ -139,18 +139,33 @@ def tokenize_pair(example: dict[str, Any], tokenizer, max_length: int, max_promp
     budget = max_length - len(prompt_ids)
     chosen_ids = chosen_full[split:][:budget]
     rejected_ids = rejected_full[split:][:budget]
-    return {
+    feature = {
         "prompt_input_ids": prompt_ids,
         "chosen_input_ids": chosen_ids,
         "rejected_input_ids": rejected_ids,
         "prompt_length": len(prompt_ids),
         "chosen_length": len(chosen_ids),
         "rejected_length": len(rejected_ids),
-        "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
     }
+    return {**feature, "length": row_length(feature, "stacked")}
 
 
-class PreferenceCollator:
+class _PaddingCollator:
+    """What both layouts share: the pad token, and rows right-padded to a multiple of `pad_to_multiple_of`."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8) -> None:
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the EOS token)")
+        if pad_to_multiple_of <= 0:
+            raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def padded_length(self, longest: int) -> int:
+        return -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+
+class PreferenceCollator(_PaddingCollator):
     """Stack B tokenized pairs as 2B right-padded rows: [chosen_1..chosen_B; rejected_1..rejected_B].
 
     Row i is prompt_i + chosen_i, row B + i is prompt_i + rejected_i; T is the longest row rounded up to a
@@ -168,23 +183,13 @@ class PreferenceCollator:
         num_pairs       = 2
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8) -> None:
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the EOS token)")
-        if pad_to_multiple_of <= 0:
-            raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("cannot collate an empty batch")
         rows: list[tuple[list[int], list[int]]] = []  # (prompt ids, response ids)
         for side in ("chosen_input_ids", "rejected_input_ids"):
             rows.extend((list(f["prompt_input_ids"]), list(f[side])) for f in features)
-        longest = max(len(p) + len(r) for p, r in rows)
-        multiple = self.pad_to_multiple_of
-        length = -(-longest // multiple) * multiple
+        length = self.padded_length(max(len(p) + len(r) for p, r in rows))
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         completion_mask = torch.zeros_like(attention_mask)
@@ -207,7 +212,7 @@ class PreferenceCollator:
         }
 
 
-class SharedPromptCollator:
+class SharedPromptCollator(_PaddingCollator):
     """One right-padded row per pair, prompt + chosen + rejected: the prompt goes through the model once.
 
     Row i holds prompt_i, chosen_i, rejected_i, then padding up to the longest row rounded up to a multiple
@@ -235,14 +240,6 @@ class SharedPromptCollator:
         label_sequences = [0, 0, 0, 1], label_is_prompt = [1, 0, 0, 0]
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8) -> None:
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None; set tokenizer.pad_token (e.g. to the EOS token)")
-        if pad_to_multiple_of <= 0:
-            raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("cannot collate an empty batch")
@@ -251,8 +248,7 @@ class SharedPromptCollator:
             for f in features
         ]
         num_pairs = len(pairs)
-        longest = max(len(p) + len(c) + len(r) for p, c, r in pairs)
-        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        length = self.padded_length(max(len(p) + len(c) + len(r) for p, c, r in pairs))
         input_ids = torch.full((num_pairs, length), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((num_pairs, length), dtype=torch.long)
         positions, ids, sequences, is_prompt = [], [], [], []
