@@ -50,10 +50,26 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near_zero, torch.log(-torch.expm1(x_near)), torch.log1p(-torch.exp(x_far)))
 
 
+# The largest log-prob `log_odds` evaluates; see there. exp(-80.6) = 1e-35 is still a normal float32, so
+# the loss's backward (sigmoid(-log odds) = 1e-35 x odds(rejected), times d log odds / d logp = 1e35) keeps
+# its precision while log odds(rejected) > -6.7, and is finite (if less precise) for any value.
+_MAX_LOGP = -1e-35
+
+
 def log_odds(logps: torch.Tensor) -> torch.Tensor:
-    """log(odds) = log(p / (1 - p)) = logp - log(1 - exp(logp)), in float32 (eq. 4 of the paper, in logs)."""
+    """log(odds) = log(p / (1 - p)) = logp - log(1 - exp(logp)), in float32 (eq. 4 of the paper, in logs).
+
+    A response the model is certain of has logp = 0.0 in float32 (reached at a ~17-nat margin), where log odds
+    is +inf and its derivative 1 / (1 - p) too: the loss's log sigmoid turns +inf into a finite value, but its
+    backward multiplies sigmoid(-inf) = 0 by inf, a NaN that clipping and AdamW would spread to every weight.
+    So logp is evaluated at min(logp, -1e-35), with the gradient passed straight through: values and
+    gradients are unchanged below -1e-35, and above it they are those at -1e-35, which agree with the limits
+    as logp -> 0 of everything finite (the loss and its gradient, -lambda * odds(rejected) per pair) to a
+    relative 1e-35.
+    """
     logps = at_least_float32(logps)
-    return logps - log1mexp(logps)
+    capped = logps + (logps.clamp(max=_MAX_LOGP) - logps).detach()
+    return capped - log1mexp(capped)
 
 
 @dataclass

@@ -128,6 +128,42 @@ def test_orpo_loss_stays_finite_for_near_certain_and_hopeless_responses() -> Non
     assert torch.isfinite(out.loss) and torch.isfinite(seq.logps.grad).all()
 
 
+@pytest.mark.parametrize("x", [0.0, -1e-30])
+def test_log_odds_at_certainty_is_finite_in_value_and_gradient(x: float) -> None:
+    value = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+    got = log_odds(value)
+    got.backward()
+    assert math.isfinite(got.item()) and math.isfinite(value.grad.item())
+    if x < 0:  # log odds has a value here (it tends to +inf as logp -> 0, so 0.0 has none)
+        x32 = mpmath.mpf(float(value.detach()))
+        with mpmath.workdps(60):
+            expected = float(x32 - mpmath.log(1 - mpmath.exp(x32)))  # 69.0776 = -ln(1e-30)
+            expected_grad = float(1 / (1 - mpmath.exp(x32)))  # 1e30
+        assert got.item() == pytest.approx(expected, rel=1e-6)
+        assert value.grad.item() == pytest.approx(expected_grad, rel=1e-5)
+
+
+@pytest.mark.parametrize("chosen", [0.0, -1e-30])
+def test_orpo_loss_at_certainty_has_the_analytic_limits(chosen: float) -> None:
+    """A chosen response of probability ~1 (mean logp 0.0 or -1e-30 in float32), rejected logp = ln 0.2.
+
+    As logp_c -> 0, log odds_c -> +inf, so log sigmoid(log odds_c - log odds_r) -> 0 and the loss -> NLL.
+    The gradient: d/dlogp_c of -lambda log sigmoid(L_c - L_r) = -lambda sigmoid(L_r - L_c) L_c', with
+    sigmoid(L_r - L_c) ~ odds_r exp(-L_c) = odds_r (1 - p_c) e^-logp_c and L_c' = 1 / (1 - p_c), so it tends to
+    -lambda odds_r = -0.5 * 0.25 = -0.125; d/dlogp_r = lambda sigmoid(L_r - L_c) L_r' -> 0. Both hold at
+    -1e-30 to a relative 1e-30, and 0.0 must give the limits instead of a NaN gradient.
+    """
+    seq = _seq([chosen], [math.log(0.2)], nll_sum=0.3, nll_tokens=2.0)
+    seq.logps.requires_grad_(True)
+    out = ORPOLoss(orpo_lambda=0.5)(seq, num_pairs=1)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(seq.logps.grad).all()
+    assert out.loss.item() == pytest.approx(0.15, abs=1e-7)  # the NLL, 0.3 / 2
+    assert out.log_odds_ratio.item() == pytest.approx(0.0, abs=1e-7)
+    assert seq.logps.grad[0].item() == pytest.approx(-0.125, rel=1e-5)
+    assert seq.logps.grad[1].item() == pytest.approx(0.0, abs=1e-7)
+
+
 def _tiny_batch(tokenizer, num_pairs: int = 2):
     from orpo.collate import PreferenceCollator, tokenize_pair
 
