@@ -55,14 +55,17 @@ def pair_margins(
     import torch
 
     from orpo.collate import make_collator, tokenize_pair
-    from orpo.logprobs import model_sequence_logps, shared_prompt_unsupported
+    from orpo.logprobs import model_sequence_logps
     from orpo.loss import log_odds
+    from orpo.selfcheck import SelfCheckResult, SelfCheckSettings, run_self_check
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # Training's default layout (each prompt computed once) where the model allows it.
-    layout = "stacked" if shared_prompt_unsupported(model, max_length) else "shared_prompt"
-    collate = make_collator(layout, pad_token_id=pad_id)
     features = [tokenize_pair(p, tokenizer, max_length, max_prompt_length) for p in pairs]
+    # Training's default layout (each prompt computed once) and chunked log-probs where the self-check on the
+    # first pairs shows they equal the stacked layout and the model's own logits.
+    settings = SelfCheckSettings("shared_prompt", pad_id, max_length, nll_on_prompt=False, chunk_size=chunk_size)
+    check = run_self_check(model, features, settings) if features else SelfCheckResult("stacked", True)
+    collate = make_collator(check.layout, pad_token_id=pad_id)
     device = next(model.parameters()).device
     margins: list[float] = []
     was_training = model.training
@@ -72,7 +75,8 @@ def pair_margins(
             batch = collate(features[start : start + batch_size])
             tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.inference_mode():
-                out = model_sequence_logps(model, tensors, nll_on_prompt=False, chunk_size=chunk_size)
+                out = model_sequence_logps(model, tensors, nll_on_prompt=False, chunk_size=chunk_size,
+                                           chunked=check.chunked_logps)
             # logps of a response with no tokens left after truncation is 0 (probability one): infinite odds.
             odds = log_odds(out.logps.clamp(max=-1e-6))
             chosen, rejected = odds.chunk(2)

@@ -138,6 +138,12 @@ class TrainConfig(_Section):
         None, description="accelerate config file for `accelerate launch` (configs/accelerate/*.yaml)."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    setup_self_check: bool = Field(
+        True,
+        description="Before training, compare on a few pairs of the first batch the shared-prompt layout with the "
+        "stacked one and chunked log-probs with the model's own logits; fall back (stacked / full logits) where "
+        "they differ, with the reason in the log. Costs three no-grad forwards; false trusts the model-type lists.",
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> TrainConfig:

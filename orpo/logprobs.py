@@ -271,7 +271,8 @@ def labelled_sequence_logps(
         labels: which positions predict which tokens of which sequence (`batch_labels`).
         chunk_size: label positions projected at once; bounds the extra memory at O(chunk_size x V).
         logit_scale, logit_softcap: for models whose logits are `scale * (h W^T)` (Cohere; Granite's
-            `1 / logits_scaling`) or `cap * tanh(z / cap)` (Gemma 2 final softcapping).
+            `1 / logits_scaling`; Falcon-H1) or `cap * tanh(z / cap)` (Gemma 2 final softcapping), or both
+            (scale first).
 
     Only the labelled positions are projected. The log-softmax is computed in float32; the projection
     matmul runs in the weight's dtype (or autocast's under mixed precision), like the model's own lm_head.
@@ -328,24 +329,49 @@ def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
+# Decoder-only model types whose every layer is attention that reads the mask it is given, positioned by
+# `position_ids` (rotary or none): the shared-prompt layout's 4D mask is all that keeps a rejected token
+# from seeing the chosen response. Not here, on purpose: models that mix tokens outside attention (LFM2's
+# convolutions; the Mamba / linear-attention layers of Granite-4.0-H (granitemoehybrid), Jamba, Bamba,
+# Falcon-H1, Zamba, Nemotron-H, Qwen3-Next, Qwen3.5, RecurrentGemma), GPT-Neo (its local attention windows
+# by token index, whatever the mask), ALiBi models, and anything not checked. A type earns a place here by
+# passing tests/test_selfcheck.py's shared == stacked test on a tiny random instance; sliding windows are
+# checked separately, from the config. `orpo.selfcheck` verifies the layout on the first batch regardless.
+SHARED_PROMPT_MODEL_TYPES = frozenset(
+    {
+        "llama", "mistral", "mixtral", "ministral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+        "gemma", "gemma2", "gemma3_text", "phi3", "granite", "granitemoe", "granitemoeshared",
+        "cohere", "cohere2", "olmo", "olmo2", "olmo3", "smollm3", "starcoder2", "glm", "glm4", "helium",
+        "hyperclovax", "stablelm", "gpt_neox", "nemotron", "exaone4", "ernie4_5", "seed_oss", "arcee",
+        "apertus",
+    }
+)
+
+
 def shared_prompt_unsupported(model: nn.Module, max_length: int | None = None) -> str | None:
     """Why this model cannot run the shared-prompt layout, or None when it can.
 
-    The layout needs a forward that takes `position_ids` and hands a custom 4D mask to SDPA or eager
-    attention unchanged (transformers' masking utilities do). Flash-attention kernels take no such mask;
-    ALiBi models position tokens through the mask, not `position_ids`; and a custom mask replaces a
-    sliding window, which is only harmless when a whole row (up to 2 x max_length) fits in the window.
+    The layout needs a model type on `SHARED_PROMPT_MODEL_TYPES` (attention is the only place tokens
+    meet), and a forward that takes `position_ids` and hands a custom 4D mask to SDPA or eager
+    attention unchanged (transformers' masking utilities do). Flash-attention kernels take no such mask,
+    and a custom mask replaces a sliding window, which is only harmless when a whole row (up to
+    2 x max_length) fits in the window.
     """
     inner = unwrap_model(model)
-    config = getattr(inner, "config", None)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SHARED_PROMPT_MODEL_TYPES:
+        return (
+            f"model type {model_type!r} is not on the list of pure-attention models "
+            "(orpo.logprobs.SHARED_PROMPT_MODEL_TYPES): convolution, state-space, linear or local attention "
+            "layers would let rejected tokens see the chosen response"
+        )
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     if implementation not in ("sdpa", "eager"):
         return f"attention implementation {implementation!r} takes no custom 4D attention mask"
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     if "position_ids" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward takes no position_ids"
-    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
-        return "ALiBi positions come from the attention mask, not position_ids"
     window = getattr(config, "sliding_window", None)
     if window and (max_length is None or 2 * max_length > window):
         return f"sliding-window attention ({window} tokens) is shorter than a row of 2 x max_length ({max_length})"
@@ -386,20 +412,51 @@ def shards_parameters(model: nn.Module) -> bool:
     return any(type(m).__name__.startswith(("FullyShardedDataParallel", "FSDP")) for m in model.modules())
 
 
+def _granite_scale(config: Any) -> tuple[float | None, float | None]:
+    return 1.0 / config.logits_scaling, None  # logits / logits_scaling
+
+
+# What each model's forward does to lm_head's output, as (scale, softcap): logits = cap * tanh(scale * z / cap).
+# Read from the model classes of transformers 5.24 (the `*ForCausalLM.forward` of each); the same config
+# attribute can mean opposite things (Granite divides by `logits_scaling`, HyperCLOVAX multiplies).
+_LOGIT_TRANSFORMS: dict[str, Any] = {
+    "cohere": lambda c: (c.logit_scale, None),  # logits * logit_scale
+    "cohere2": lambda c: (c.logit_scale, None),
+    "granite": _granite_scale,
+    "granitemoe": _granite_scale,
+    "granitemoeshared": _granite_scale,
+    "granitemoehybrid": _granite_scale,
+    "hyperclovax": lambda c: (c.logits_scaling, None),  # MuP: logits * logits_scaling
+    "falcon_h1": lambda c: (c.lm_head_multiplier, None),  # logits * lm_head_multiplier
+    "recurrent_gemma": lambda c: (None, c.logits_soft_cap),  # tanh(logits / cap) * cap
+}
+
+
 def _logit_transform(config: Any) -> tuple[float | None, float | None]:
-    """(scale, softcap) that the model's forward applies to lm_head's output, from its config."""
-    scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
-    scaling = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
-    if scaling:
-        scale = (scale or 1.0) / scaling
-    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    """(scale, softcap) that the model's forward applies to lm_head's output, by model type.
+
+    Types not in `_LOGIT_TRANSFORMS` get Gemma's `final_logit_softcapping` when their config sets it (Gemma
+    2/3/3n/4, VaultGemma, nanochat apply it that way), else nothing; `orpo.selfcheck` compares the chunked
+    log-probs with the model's own logits on the first batch and falls back to full logits when they differ.
+    """
+    if config is None:
+        return None, None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rule = _LOGIT_TRANSFORMS.get(getattr(text_config, "model_type", None))
+    if rule is not None:
+        scale, softcap = rule(text_config)
+    else:
+        scale, softcap = None, getattr(text_config, "final_logit_softcapping", None)
     return (float(scale) if scale not in (None, 1.0) else None), (float(softcap) if softcap else None)
 
 
 def model_sequence_logps(
-    model: nn.Module, batch: dict[str, Any], *, nll_on_prompt: bool, chunk_size: int
+    model: nn.Module, batch: dict[str, Any], *, nll_on_prompt: bool, chunk_size: int, chunked: bool = True
 ) -> SequenceLogps:
-    """Sequence log-probs of a causal LM on a stacked batch, with chunked logits.
+    """Sequence log-probs of a causal LM on a batch of either layout, with chunked logits.
+
+    `chunked=False` takes the full-logits path (`plain_sequence_logps`) silently: for a model whose
+    output transform the chunked path does not reproduce (`orpo.selfcheck` decides it once, and logs why).
 
     Works for a plain Hugging Face causal LM, a PEFT model around one, and a DDP-wrapped (accelerate
     prepared) model, with or without gradient checkpointing.
@@ -418,6 +475,8 @@ def model_sequence_logps(
       again only when the module's own output is back-propagated; our autograd function saves the weight
       outside that protocol, so its backward would see a released shard.
     """
+    if not chunked:
+        return plain_sequence_logps(model, batch, nll_on_prompt=nll_on_prompt)
     inner = unwrap_model(model)
     head = inner.get_output_embeddings()
     reason = None

@@ -596,6 +596,7 @@ class ORPORecipe:
         from orpo.collate import make_collator
         from orpo.logprobs import shared_prompt_unsupported
         from orpo.loss import ORPOLoss
+        from orpo.selfcheck import SelfCheckSettings, run_self_check
 
         cfg = self.config.train
         # First the accelerator: it owns the process group, the device and mixed precision.
@@ -670,6 +671,14 @@ class ORPORecipe:
         if self.is_lora and acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             _checkpoint_trainable_weights_only(acc)
 
+        # The layout and log-prob path, proven on the first batch as training runs the model (orpo.selfcheck);
+        # a fallback after this point keeps the length grouping of the layout chosen above (only padding differs).
+        self.chunked_logps = True
+        if cfg.setup_self_check:
+            first = self.data.train[self.plan.micro_batches(0, acc.process_index)[0]]
+            settings = SelfCheckSettings.from_train_config(cfg, self.tokenizer.pad_token_id, layout=self.batch_layout)
+            check = run_self_check(self.model, [dict(zip(first, row)) for row in zip(*first.values())], settings)
+            self.batch_layout, self.chunked_logps = check.layout, check.chunked_logps
         self.collator = make_collator(self.batch_layout, self.tokenizer.pad_token_id, cfg.pad_to_multiple_of)
         self.loss_fn = ORPOLoss(cfg.orpo_lambda)
         # All parameters (frozen ones have no gradient and are skipped): under FSDP accelerate recognises the
@@ -754,7 +763,7 @@ class ORPORecipe:
             # Inside accumulate(), DDP skips the gradient all-reduce until the step's last micro-batch.
             with acc.accumulate(self.model):
                 seq = model_sequence_logps(self.model, batch, nll_on_prompt=cfg.nll_on_prompt,
-                                           chunk_size=cfg.logprob_chunk_size)
+                                           chunk_size=cfg.logprob_chunk_size, chunked=self.chunked_logps)
                 out = self.loss_fn(seq, num_pairs, nll_normalizer=nll_total, pair_normalizer=pair_total)
                 # out.loss is this micro-batch's share of the step's loss. DDP averages gradients over
                 # processes and accelerator.backward divides by the accumulation steps: undo both, so
@@ -819,7 +828,7 @@ class ORPORecipe:
                 num_pairs, counts = _pop_counts(batch)
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 seq = model_sequence_logps(self.model, batch, nll_on_prompt=cfg.nll_on_prompt,
-                                           chunk_size=cfg.logprob_chunk_size)
+                                           chunk_size=cfg.logprob_chunk_size, chunked=self.chunked_logps)
                 out = self.loss_fn(seq, num_pairs)
                 if real:
                     total += batch_sums(out, counts, batch["input_ids"].numel()).to(self.sum_dtype)
