@@ -68,7 +68,8 @@ def log_odds(logps: torch.Tensor) -> torch.Tensor:
     relative 1e-35.
     """
     logps = at_least_float32(logps)
-    capped = logps + (logps.clamp(max=_MAX_LOGP) - logps).detach()
+    # (logps - logps.detach()) is 0 with gradient 1; a where, not a clamp: -inf must stay -inf, not NaN.
+    capped = torch.where(logps > _MAX_LOGP, logps - logps.detach() + _MAX_LOGP, logps)
     return capped - log1mexp(capped)
 
 

@@ -143,6 +143,10 @@ def test_log_odds_at_certainty_is_finite_in_value_and_gradient(x: float) -> None
         assert value.grad.item() == pytest.approx(expected_grad, rel=1e-5)
 
 
+def test_log_odds_of_an_impossible_response_stays_minus_inf() -> None:
+    assert log_odds(torch.tensor([-math.inf])).item() == -math.inf
+
+
 @pytest.mark.parametrize("chosen", [0.0, -1e-30])
 def test_orpo_loss_at_certainty_has_the_analytic_limits(chosen: float) -> None:
     """A chosen response of probability ~1 (mean logp 0.0 or -1e-30 in float32), rejected logp = ln 0.2.
