@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 # chunked vs full logits by <= 1e-6 in either. The errors the check exists to catch, on the tiny models of
 # tests/test_selfcheck.py: 0.2-1.5 nats for LFM2 / Granite-4.0-H / GPT-Neo / Jamba / Bamba / Falcon-H1 /
 # Qwen3-Next in the shared layout (rejected tokens seeing the chosen response), 14-26 nats for a wrong logit
-# scale, 0.08 for a missing soft cap of 0.5. So: 1e-4 (~70x the float32 error, room for TF32 and deeper
-# models) when everything computes in float32, 5e-2 (~10x the bfloat16 error) under 16-bit weights or autocast.
+# scale, 0.08 for a missing soft cap of 0.5. So: 1e-4 (~70x the float32 error, room for deeper
+# models) when everything computes in float32, 5e-2 (~10x the bfloat16 error) under 16-bit weights, autocast
+# or TF32 matmuls (torch.set_float32_matmul_precision below "highest").
 TOLERANCE_FP32 = 1e-4
 TOLERANCE_16BIT = 5e-2
 
@@ -100,8 +101,9 @@ def _deviation(got: SequenceLogps, want: SequenceLogps) -> float:
     return worst if math.isfinite(worst) else math.inf
 
 
-def _computes_in_16bit(model: nn.Module, settings: SelfCheckSettings) -> bool:
-    if settings.mixed_precision in ("bf16", "fp16"):
+def _reduced_precision(model: nn.Module, settings: SelfCheckSettings) -> bool:
+    """Whether the forward rounds like 16-bit floats: autocast, 16-bit or quantized weights, or TF32 matmuls."""
+    if settings.mixed_precision in ("bf16", "fp16") or torch.get_float32_matmul_precision() != "highest":
         return True
     # 16-bit weights, or quantized ones (integer storage) that compute in 16 bits.
     return any(p.dtype in (torch.bfloat16, torch.float16) or not p.is_floating_point() for p in model.parameters())
@@ -111,6 +113,8 @@ def _agree(values: list[float], device: torch.device) -> list[float]:
     """The largest of each value over all processes, so every process takes the same decision."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
+    if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only (parameters may be offloaded)
+        device = torch.device("cuda", torch.cuda.current_device())
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor.tolist()
@@ -166,7 +170,7 @@ def run_self_check(model: nn.Module, pairs: list[dict[str, Any]], settings: Self
             f"{type(inner).__name__}'s own logits give non-finite log-probs on the first batch, so no batch layout "
             "or log-prob path can be checked; look at model.dtype (float16 overflows) and the weights"
         )
-    tolerance = TOLERANCE_16BIT if _computes_in_16bit(model, settings) else TOLERANCE_FP32
+    tolerance = TOLERANCE_16BIT if _reduced_precision(model, settings) else TOLERANCE_FP32
     deviations = {}
     chunked_logps = True
     if check_chunked:
