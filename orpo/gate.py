@@ -63,6 +63,7 @@ KEPT = "kept"
 NO_DIFFERENCE = "no significant difference"
 # MLflow caps tag values (5000 characters on some stores); JSON past this is cut down, never truncated.
 _MAX_TAG = 4000
+_MAX_DESCRIPTION = 5000  # the model_versions.description column of MLflow's SQL stores
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,9 @@ def decide_head_to_head(
     if primary["verdict"] == "significantly worse" or regressions:
         worse = [primary["text"]] if primary["verdict"] == "significantly worse" else regressions
         return verdict(KEPT, "kept: the challenger is significantly worse: " + "; ".join(worse))
+    if primary["verdict"] == "significantly better":  # better than the champion, not by the margin asked for
+        return verdict(KEPT, f"kept: {primary['text']} is better than no difference but does not lie above "
+                             f"{margin_text}")
     return verdict(NO_DIFFERENCE, f"no significant difference: {primary['text']} does not lie above {margin_text}")
 
 
@@ -369,9 +373,9 @@ def _compared_tag(compared: dict[str, dict]) -> str:
     return text if len(text) <= _MAX_TAG else json.dumps({"truncated": True, "see": "gate/decision.json"})
 
 
-def decision_markdown(decision: GateDecision) -> str:
+def decision_markdown(decision: GateDecision, *, header: bool = True) -> str:
     """The decision as a markdown table: each difference, its interval, n, the test and the seed."""
-    lines = [f"**Gate ({decision.mode}): {decision.label}**. {decision.reason}", ""]
+    lines = [f"**Gate ({decision.mode}): {decision.label}**. {decision.reason}", ""] if header else []
     if decision.mode == "head_to_head" and decision.compared:
         lines += ["| metric | challenger - champion | interval | n | test | seed | verdict |",
                   "|---|---|---|---|---|---|---|"]
@@ -413,9 +417,11 @@ def _record(client, version: RegisteredVersion, decision: GateDecision) -> None:
         client.set_model_version_tag(version.name, version.version, key, value)
     refresh_description(client, version.name, str(version.version))
     if decision.mode == "head_to_head" and decision.compared:
+        # The description already says "Gate: <decision> (<reason>)" (refresh_description, from the tags).
         described = client.get_model_version(version.name, version.version).description or ""
+        table = decision_markdown(decision, header=False)
         client.update_model_version(version.name, version.version,
-                                    described + "\n\n" + decision_markdown(decision))
+                                    (described + "\n\n" + table)[:_MAX_DESCRIPTION])
     if decision.chart and Path(decision.chart).parent.is_dir():
         client.log_artifacts(version.run_id, str(Path(decision.chart).parent), GATE_ARTIFACT)
 

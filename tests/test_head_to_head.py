@@ -215,3 +215,14 @@ def test_the_evaluation_summary_chart_shows_the_start_model_and_the_model(tmp_pa
     report = write_evaluation(tmp_path / "full", mt=judgments("m", {(1, 1): 6, (2, 1): 8}), pref=pref)
     png = evaluation_summary_chart(report, "my-model")
     assert png == report / "summary.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_margin_above_no_difference_must_be_cleared_by_the_whole_interval():
+    champion_texts = [short(i) for i in range(40)]
+    challenger_texts = [long(i) if i % 4 else f"R{i}" for i in range(40)]  # 75% wins
+    judge = LongerAnswerJudge(champion_texts + challenger_texts)
+    _, decision = run_gate(files(outputs("v1", champion_texts)), files(outputs("v2", challenger_texts)), judge,
+                           GateConfig(margin=70.0))
+    win = decision.compared[HEAD_TO_HEAD_WIN_RATE]
+    assert win["margin"] == 70.0 and 50.0 < win["low"] < 70.0
+    assert decision.outcome == KEPT and "does not lie above 70%" in decision.reason
