@@ -203,29 +203,29 @@ def decide_head_to_head(
     missing = {m: e["missing"] for m, e in compared.items() if "missing" in e}
     primary = compared[gate.primary_metric]
     if "missing" in primary:
-        return verdict(KEPT, f"kept: the primary metric {gate.primary_metric} could not be compared: "
+        return verdict(KEPT, f"the primary metric {gate.primary_metric} could not be compared: "
                              f"{primary['missing']}")
     if gate.require_metrics and missing:
-        return verdict(KEPT, "kept: missing gated metrics: " + "; ".join(f"{m}: {r}" for m, r in missing.items()))
+        return verdict(KEPT, "missing gated metrics: " + "; ".join(f"{m}: {r}" for m, r in missing.items()))
     regressions = [e["text"] for m, e in compared.items() if e.get("verdict") == "significantly worse"
                    and m != gate.primary_metric]
     margin_text = f"{primary['margin']:g}{primary['unit']}"
     if primary["verdict"] == "above the margin":
         if primary["n"] < gate.min_prompts:
-            return verdict(KEPT, f"kept: {primary['text']} clears {margin_text}, but on only {primary['n']} "
+            return verdict(KEPT, f"{primary['text']} clears {margin_text}, but on only {primary['n']} "
                                  f"prompts (registry.gate.min_prompts = {gate.min_prompts})")
         if regressions:
-            return verdict(KEPT, f"kept: {primary['text']} clears {margin_text}, but significantly worse: "
+            return verdict(KEPT, f"{primary['text']} clears {margin_text}, but significantly worse: "
                                  + "; ".join(regressions))
         skipped = f" (not compared: {', '.join(missing)})" if missing else ""
-        return verdict(PROMOTED, f"promoted: {primary['text']} lies above {margin_text}{skipped}")
+        return verdict(PROMOTED, f"{primary['text']} lies above {margin_text}{skipped}")
     if primary["verdict"] == "significantly worse" or regressions:
         worse = [primary["text"]] if primary["verdict"] == "significantly worse" else regressions
-        return verdict(KEPT, "kept: the challenger is significantly worse: " + "; ".join(worse))
+        return verdict(KEPT, "the challenger is significantly worse: " + "; ".join(worse))
     if primary["verdict"] == "significantly better":  # better than the champion, not by the margin asked for
-        return verdict(KEPT, f"kept: {primary['text']} is better than no difference but does not lie above "
+        return verdict(KEPT, f"{primary['text']} is better than no difference but does not lie above "
                              f"{margin_text}")
-    return verdict(NO_DIFFERENCE, f"no significant difference: {primary['text']} does not lie above {margin_text}")
+    return verdict(NO_DIFFERENCE, f"{primary['text']} does not lie above {margin_text}")
 
 
 # --- MLflow ---------------------------------------------------------------------------------------------
@@ -281,7 +281,8 @@ def promote(
         client.set_registered_model_alias(name, ALIAS_CHAMPION, challenger_version)
         log.info("promoted %s version %s to %s: %s", name, challenger_version, ALIAS_CHAMPION, decision.reason)
     else:
-        log.info("kept %s version %s as challenger: %s", name, challenger_version, decision.reason)
+        log.info("%s version %s stays challenger (%s): %s", name, challenger_version, decision.label,
+                 decision.reason)
     _record(client, version, decision)
     return decision
 
@@ -377,7 +378,7 @@ def decision_markdown(decision: GateDecision, *, header: bool = True) -> str:
     """The decision as a markdown table: each difference, its interval, n, the test and the seed."""
     lines = [f"**Gate ({decision.mode}): {decision.label}**. {decision.reason}", ""] if header else []
     if decision.mode == "head_to_head" and decision.compared:
-        lines += ["| metric | challenger - champion | interval | n | test | seed | verdict |",
+        lines += ["| metric | challenger vs champion | interval | n | test | seed | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for metric, e in decision.compared.items():
             if "missing" in e:

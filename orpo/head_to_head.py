@@ -71,9 +71,12 @@ def _load(path: Path | None) -> Any:
     if path is None:
         return None
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); re-run that evaluation") from None
 
 
 def read_evaluation(report_dir: str | Path) -> EvaluationFiles:

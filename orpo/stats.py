@@ -47,10 +47,10 @@ class Interval:
         return self.low <= value <= self.high
 
     def text(self, scale: float = 1.0, unit: str = "", signed: bool = False) -> str:
-        """`+12.5 [3.1, 20.0]%` style, in the metric's unit."""
+        """`+12.5 pts [+3.1, +20]` style: the estimate in the metric's unit, then the interval."""
         sign = "+" if signed else ""
         return (f"{self.estimate * scale:{sign}.3g}{unit} [{self.low * scale:{sign}.3g}, "
-                f"{self.high * scale:{sign}.3g}]{unit}")
+                f"{self.high * scale:{sign}.3g}]")
 
 
 def _check_confidence(confidence: float) -> None:

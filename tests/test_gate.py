@@ -203,7 +203,7 @@ def test_an_identical_challenger_is_kept_with_no_significant_difference(h2h):
     version = client.get_model_version(name, h2h["v2"].version)
     assert version.tags["gate.decision"] == "no significant difference"
     assert version.tags["gate.mode"] == "head_to_head" and version.tags["gate.champion_version"] == "1"
-    assert "[50, 50]%" in version.tags["gate.diff.head_to_head/win_rate"]
+    assert "50% [50, 50]" in version.tags["gate.diff.head_to_head/win_rate"]
     assert "seed 0" in version.tags["gate.diff.head_to_head/win_rate"]
     assert json.loads(version.tags["gate.compared"])["head_to_head/win_rate"]["n"] == N_PROMPTS
     assert "| head_to_head/win_rate (primary) |" in version.description

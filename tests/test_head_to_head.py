@@ -43,7 +43,7 @@ def test_identical_outputs_are_ties_kept_with_no_significant_difference():
     challenger = files(outputs("v2", texts), judgments("v2", scores), margins([0.5, -0.2] * 10))
     result, decision = run_gate(champion, challenger, NoJudge())
     assert not decision.promoted and decision.outcome == NO_DIFFERENCE
-    assert decision.reason.startswith("no significant difference")
+    assert "does not lie above 50%" in decision.reason
     win = decision.compared[HEAD_TO_HEAD_WIN_RATE]
     assert (win["estimate"], win["low"], win["high"], win["n"]) == (50.0, 50.0, 50.0, 20)
     assert win["n_ties"] == 20 and win["seed"] == 0 and "bootstrap" in win["test"]
@@ -226,3 +226,9 @@ def test_a_margin_above_no_difference_must_be_cleared_by_the_whole_interval():
     win = decision.compared[HEAD_TO_HEAD_WIN_RATE]
     assert win["margin"] == 70.0 and 50.0 < win["low"] < 70.0
     assert decision.outcome == KEPT and "does not lie above 70%" in decision.reason
+
+
+def test_a_corrupt_evaluation_file_is_named(tmp_path):
+    (tmp_path / "model_outputs.json").write_text('[{"instruction": ')
+    with pytest.raises(ValueError, match="model_outputs.json: not valid JSON"):
+        read_evaluation(tmp_path)
