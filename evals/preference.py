@@ -86,6 +86,25 @@ def pair_margins(
     return margins
 
 
+def pair_id(pair: dict[str, Any]) -> str:
+    """A stable id of a preference pair (its prompt, chosen and rejected), to pair two models' margins."""
+    import hashlib
+    import json
+
+    payload = json.dumps([pair.get("prompt"), pair.get("chosen"), pair.get("rejected")], sort_keys=True,
+                         ensure_ascii=False, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def margin_records(pairs: Sequence[dict[str, Any]], margins: Sequence[float],
+                   base_margins: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """Per-pair margins as saved in `preference_margins.json` (index, pair_id, margin[, base_margin])."""
+    records = [{"index": i, "pair_id": pair_id(p), "margin": float(m)} for i, (p, m) in enumerate(zip(pairs, margins))]
+    for record, base in zip(records, base_margins or []):
+        record["base_margin"] = float(base)
+    return records
+
+
 def preference_scores(margins: Sequence[float]) -> PreferenceScores:
     if not margins:
         raise ValueError("no preference pairs to score")

@@ -1,4 +1,7 @@
-"""The evaluation report of one model: report.json (everything), report.md (for people), PNG charts."""
+"""The evaluation report of one model: report.json (everything), report.md (for people), PNG charts.
+
+The summary chart (gated metrics with confidence intervals) is drawn by `orpo.gate_plots`.
+"""
 
 from __future__ import annotations
 
@@ -37,26 +40,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if not math.isfinite(value) else f"{value:.4g}"
     return str(value)
-
-
-def bar_chart(values: dict[str, float], path: str | Path, title: str, ylim: tuple[float, float] | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [k for k, v in values.items() if math.isfinite(v)]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
-    ax.bar(names, [values[k] for k in names], color="#4C72B0")
-    if ylim:
-        ax.set_ylim(*ylim)
-    ax.set_title(title)
-    ax.tick_params(axis="x", labelrotation=20)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
 
 
 def render_markdown(report: Report) -> str:

@@ -8,7 +8,7 @@
 
 Suites (config.eval.suites): alpaca, mtbench, diversity, preference, lm-eval. Files written to `out_dir`:
 model_outputs.json + annotations.json (AlpacaEval formats), model_answer.jsonl + model_judgment.jsonl
-(FastChat formats), diversity_samples.json, report.json, report.md and PNG charts.
+(FastChat formats), preference_margins.json (per pair), diversity_samples.json, report.json, report.md and PNG charts.
 """
 
 from __future__ import annotations
@@ -206,32 +206,38 @@ class _Evaluation:
         })
         self.sections["Diversity"] = {**scores.as_dict(), "temperature": self.ev.diversity_temperature}
 
-    def _preference_of(self, model, tokenizer, pairs) -> Any:
-        from evals.preference import pair_margins, preference_scores
+    def _margins_of(self, model, tokenizer, pairs) -> list[float]:
+        from evals.preference import pair_margins
 
         train = self.config.train
-        return preference_scores(pair_margins(
+        return pair_margins(
             model, tokenizer, pairs, max_length=train.max_length, max_prompt_length=train.max_prompt_length,
             batch_size=train.per_device_batch_size, chunk_size=train.logprob_chunk_size,
-        ))
+        )
 
     def run_preference(self, dataset_dir: str | Path | None, base_model_path: str | None) -> None:
-        from evals.preference import load_test_pairs
+        from evals.generate import write_json
+        from evals.preference import load_test_pairs, margin_records, preference_scores
 
         if dataset_dir is None:
             self.notes.append("preference suite skipped: no dataset_dir was given")
             return
         pairs = load_test_pairs(dataset_dir, self.ev.preference_limit, self.ev.seed)
-        mine = self._preference_of(self.model, self.tokenizer, pairs)
+        margins = self._margins_of(self.model, self.tokenizer, pairs)
+        mine = preference_scores(margins)
         self.metrics.update({"preference/accuracy": mine.accuracy, "preference/margin": mine.margin})
         section: dict[str, Any] = {"n_pairs": mine.n_pairs, "accuracy": mine.accuracy, "margin": mine.margin}
+        base_margins = None
         if base_model_path:
             base_model, base_tokenizer = _load(self.config, base_model_path)
-            base = self._preference_of(base_model, base_tokenizer, pairs)
+            base_margins = self._margins_of(base_model, base_tokenizer, pairs)
+            base = preference_scores(base_margins)
             del base_model
             gc.collect()
             self.metrics.update({"preference/base_accuracy": base.accuracy, "preference/base_margin": base.margin})
             section.update(base_model=base_model_path, base_accuracy=base.accuracy, base_margin=base.margin)
+        # Per-pair margins: the gate pairs two models' accuracies on the same pairs (McNemar).
+        write_json(margin_records(pairs, margins, base_margins), self.out / "preference_margins.json")
         self.sections["Preference accuracy"] = section
 
     def run_lm_eval(self) -> None:
@@ -248,18 +254,11 @@ class _Evaluation:
         self.sections["lm-eval"] = {"tasks": ", ".join(self.ev.lm_eval_tasks), "results": results}
 
     def summary_chart(self) -> None:
-        from evals.report import bar_chart
+        from orpo.gate_plots import evaluation_summary_chart
 
-        shares = {
-            "alpaca win rate": self.metrics.get("alpaca/win_rate", math.nan) / 100,
-            "alpaca LC win rate": self.metrics.get("alpaca/length_controlled_winrate", math.nan) / 100,
-            "pref. accuracy": self.metrics.get("preference/accuracy", math.nan),
-            "base pref. accuracy": self.metrics.get("preference/base_accuracy", math.nan),
-            "distinct-2": self.metrics.get("diversity/distinct_2", math.nan),
-            "self-BLEU": self.metrics.get("diversity/self_bleu", math.nan),
-        }
-        if any(math.isfinite(v) for v in shares.values()):
-            self.charts.append(bar_chart(shares, self.out / "summary.png", f"{self.label}: 0-1 metrics", (0, 1)))
+        chart = evaluation_summary_chart(self.out, self.label, seed=self.ev.seed)
+        if chart is not None:
+            self.charts.append(chart)
 
     def close(self) -> None:
         self.model = self.tokenizer = self._judge = None

@@ -132,6 +132,7 @@ def _mount_registry() -> None:
     app.command("register", help=registry_cli.register.__doc__)(registry_cli.register)
     app.command("compare", help=registry_cli.compare.__doc__)(registry_cli.compare)
     app.command("ui", help=registry_cli.ui.__doc__)(registry_cli.ui)
+    app.command("gate", help=registry_cli.gate.__doc__)(registry_cli.gate)
 
 
 @app.command("train")

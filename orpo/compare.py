@@ -1,8 +1,10 @@
 """Compare registered versions: a table of key metrics with deltas against the champion, and a chart.
 
 The chart has two panels: per-category MT-Bench scores of the versions side by side, and AlpacaEval win
-rates (raw and length-controlled) per version. `log_comparison` stores the chart and the table in a
-`compare` run of the experiment, so the comparison is also found in MLflow.
+rates (raw and length-controlled) per version. Versions the head-to-head gate has judged also carry their
+recorded differences against the champion they faced, with intervals (`h2h <metric>`, `... low`,
+`... high` columns), drawn in a second chart (`<name>-gate.png`). `log_comparison` stores the charts and
+the table in a `compare` run of the experiment, so the comparison is also found in MLflow.
 """
 
 from __future__ import annotations
@@ -30,7 +32,36 @@ KEY_METRICS = (
 WIN_RATE_METRICS = ("alpaca/win_rate", "alpaca/length_controlled_winrate")
 MT_BENCH_CATEGORY_PREFIX = "mt_bench/category/"
 DELTA_PREFIX = "delta "
-_LINEAGE_TAGS = ("finetune", "base_model", "data_fingerprint", "config_hash", "git_commit", "gate.decision")
+_LINEAGE_TAGS = ("finetune", "base_model", "data_fingerprint", "config_hash", "git_commit", "gate.decision",
+                 "gate.champion_version")
+H2H_PREFIX = "h2h "
+
+
+def gate_columns(tags: dict[str, str]) -> dict[str, float]:
+    """The head-to-head differences a version's gate decision recorded (empty for threshold decisions)."""
+    import json
+
+    from orpo.gate import TAG_COMPARED, TAG_MODE
+
+    if tags.get(TAG_MODE) != "head_to_head" or not tags.get(TAG_COMPARED):
+        return {}
+    try:
+        compared = json.loads(tags[TAG_COMPARED])
+    except json.JSONDecodeError:
+        return {}
+    columns = {}
+    for metric, entry in compared.items():
+        if isinstance(entry, dict) and "estimate" in entry:
+            columns[H2H_PREFIX + metric] = float(entry["estimate"])
+            columns[f"{H2H_PREFIX}{metric} low"] = float(entry["low"])
+            columns[f"{H2H_PREFIX}{metric} high"] = float(entry["high"])
+            columns[f"{H2H_PREFIX}{metric} n"] = float(entry["n"])
+    return columns
+
+
+def gate_png_path(out_png: str | Path) -> Path:
+    out_png = Path(out_png)
+    return out_png.with_name(f"{out_png.stem}-gate{out_png.suffix}")
 
 
 def _version_order(version: str) -> int:
@@ -43,8 +74,8 @@ def compare_versions(
     """One row per version (all versions when `versions` is None), indexed by version number.
 
     Columns: `aliases`, lineage tags, every key metric, `delta <metric>` against the current champion
-    (NaN when there is no champion or a side lacks the metric), and every `mt_bench/category/*` score.
-    Writes the chart to `out_png` when given.
+    (NaN when there is no champion or a side lacks the metric), every `mt_bench/category/*` score, and the
+    recorded head-to-head gate differences (`gate_columns`). Writes the charts to `out_png` when given.
     """
     import pandas as pd
     from mlflow.exceptions import MlflowException
@@ -80,6 +111,7 @@ def compare_versions(
         for metric, value in metrics.items():
             if metric.startswith(MT_BENCH_CATEGORY_PREFIX):
                 row[metric] = value
+        row.update(gate_columns(dict(model_version.tags)))
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -143,7 +175,31 @@ def plot_comparison(frame: pandas.DataFrame, out_png: str | Path, title: str = "
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+    plot_gate_intervals(frame, gate_png_path(out_png), title)
     return out_png
+
+
+def plot_gate_intervals(frame: pandas.DataFrame, out_png: str | Path, title: str = "") -> Path | None:
+    """Each judged version's head-to-head differences with their intervals; None when no version has any."""
+    from orpo.gate_plots import decisions_chart
+
+    metrics = sorted({c[len(H2H_PREFIX):] for c in frame.columns
+                      if c.startswith(H2H_PREFIX) and not c.endswith((" low", " high", " n"))})
+    decisions: dict[str, dict[str, dict]] = {}
+    for version in frame.index:
+        entries = {}
+        for metric in metrics:
+            estimate = frame.loc[version, H2H_PREFIX + metric]
+            if not math.isnan(estimate):
+                entries[metric] = {"estimate": estimate, "low": frame.loc[version, f"{H2H_PREFIX}{metric} low"],
+                                   "high": frame.loc[version, f"{H2H_PREFIX}{metric} high"]}
+        if entries:
+            against = frame.loc[version, "gate.champion_version"] if "gate.champion_version" in frame else ""
+            decisions[f"v{version} vs v{against}"] = entries
+    if not decisions:
+        Path(out_png).unlink(missing_ok=True)  # never leave an older comparison's chart to be logged with this one
+        return None
+    return decisions_chart(decisions, out_png, f"{title}: gate differences (challenger vs champion)".lstrip(": "))
 
 
 def log_comparison(config: PipelineConfig, frame: pandas.DataFrame, png: str | Path | None) -> str:
@@ -165,6 +221,8 @@ def log_comparison(config: PipelineConfig, frame: pandas.DataFrame, png: str | P
         })
         if png is not None:
             mlflow.log_artifact(str(png), "compare")
+            if gate_png_path(png).is_file():
+                mlflow.log_artifact(str(gate_png_path(png)), "compare")
         with tempfile.TemporaryDirectory() as tmp:
             table = Path(tmp) / "compare.csv"
             frame.to_csv(table)

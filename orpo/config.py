@@ -155,15 +155,60 @@ class TrainConfig(_Section):
         return self
 
 
-class GateConfig(_Section):
-    """When a challenger replaces the champion. A missing metric on either side skips that rule."""
+GatedMetric = Literal["head_to_head/win_rate", "mt_bench/score", "preference/accuracy"]
 
-    min_mt_bench_delta: float = Field(0.0, description="Challenger MT-Bench score >= champion's + this.")
-    max_win_rate_drop: float = Field(1.0, ge=0.0, description="AlpacaEval win rate (points) may drop by at most this.")
-    max_preference_accuracy_drop: float = Field(
-        0.0, ge=0.0, description="Held-out preference accuracy may drop by at most this."
+
+class GateConfig(_Section):
+    """When a challenger replaces the champion.
+
+    head_to_head (default): the challenger is compared with the champion on the same prompts (pairwise
+    judged outputs, paired MT-Bench scores, paired preference accuracy), each difference with a confidence
+    interval; it is promoted only when the primary metric's interval lies above `margin` and no other gated
+    metric is significantly worse. threshold: the older point-estimate rules (the `min_`/`max_` keys).
+    """
+
+    mode: Literal["head_to_head", "threshold"] = Field(
+        "head_to_head",
+        description="head_to_head: paired comparison with confidence intervals; threshold: point-estimate rules.",
     )
-    require_metrics: bool = Field(False, description="Refuse promotion when a gated metric is missing.")
+    primary_metric: GatedMetric = Field(
+        "head_to_head/win_rate",
+        description="head_to_head: the metric whose interval must clear `margin` for a promotion.",
+    )
+    gated_metrics: list[GatedMetric] = Field(
+        default_factory=lambda: ["head_to_head/win_rate", "mt_bench/score", "preference/accuracy"],
+        description="head_to_head: metrics compared; any of them significantly worse blocks the promotion.",
+    )
+    margin: float | None = Field(
+        None,
+        description="head_to_head: the primary interval's lower bound must exceed this; default 50 for the "
+        "win rate (%), 0 for a score or accuracy difference.",
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="head_to_head: two-sided confidence level.")
+    bootstrap_resamples: int = Field(2000, ge=100, description="head_to_head: bootstrap resamples per interval.")
+    seed: int = Field(0, description="head_to_head: seed of the bootstrap and of the judge's output order.")
+    min_prompts: int = Field(
+        10, ge=1, description="head_to_head: fewer judged prompts than this never promote (intervals are unreliable)."
+    )
+    min_mt_bench_delta: float = Field(0.0, description="threshold: challenger MT-Bench score >= champion's + this.")
+    max_win_rate_drop: float = Field(
+        1.0, ge=0.0, description="threshold: AlpacaEval win rate (points) may drop by at most this."
+    )
+    max_preference_accuracy_drop: float = Field(
+        0.0, ge=0.0, description="threshold: held-out preference accuracy may drop by at most this."
+    )
+    require_metrics: bool = Field(
+        False, description="Refuse promotion when a gated metric is missing on either side (either mode)."
+    )
+
+    @model_validator(mode="after")
+    def _primary_is_gated(self) -> GateConfig:
+        if self.primary_metric not in self.gated_metrics:
+            raise ValueError(
+                f"registry.gate.primary_metric {self.primary_metric!r} must be one of registry.gate.gated_metrics "
+                f"({', '.join(self.gated_metrics)})"
+            )
+        return self
 
 
 class RegistryConfig(_Section):

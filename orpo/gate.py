@@ -1,20 +1,25 @@
 """The champion/challenger promotion gate.
 
-`decide` is the rule itself: a pure function over two flat metric dicts and the `GateConfig`, easy to
-test and to explain. `promote` is the MLflow side: it reads the challenger's and the champion's metrics
-from their runs, calls `decide`, moves the `champion` alias when the challenger passes, and records the
-decision with the compared numbers as tags on the challenger's version, so its page says whether it beat
-the champion and by how much.
+Two modes (`registry.gate.mode`):
 
-The rules (each skipped when either side lacks the metric, unless `require_metrics` is set):
+- `head_to_head` (default): the challenger is compared with the champion on the same prompts
+  (`orpo.head_to_head`: pairwise-judged outputs, paired MT-Bench scores, paired preference accuracy), each
+  difference with a confidence interval (`orpo.stats`). `decide_head_to_head` promotes only when the
+  primary metric's interval lies entirely above the margin (default: a 50% head-to-head win rate) and no
+  other gated metric is significantly worse; otherwise the champion stays, as "kept" (the evidence is
+  against the challenger, or too thin) or "no significant difference". A model identical to the champion
+  ties on every prompt, so it is never promoted.
+- `threshold`: the older point-estimate rules, `decide`, over two flat metric dicts:
+  - MT-Bench:  challenger `mt_bench/score` >= champion's + `min_mt_bench_delta`
+  - AlpacaEval: challenger `alpaca/win_rate` >= champion's - `max_win_rate_drop` (points)
+  - preference: challenger `preference/accuracy` >= champion's - `max_preference_accuracy_drop`
+  each skipped when either side lacks the metric (unless `require_metrics`); at least one must be compared.
 
-- MT-Bench:  challenger `mt_bench/score` >= champion's + `min_mt_bench_delta`
-- AlpacaEval: challenger `alpaca/win_rate` >= champion's - `max_win_rate_drop` (points)
-- preference: challenger `preference/accuracy` >= champion's - `max_preference_accuracy_drop`
-
-With a champion, at least one rule must actually be compared: a challenger that shares no gated metric
-with the champion is not known to be better, so it stays a challenger. With no champion, the first
-version that passes (it has the required metrics, when they are required) becomes champion.
+With no champion, the first version that passes (it has the required metrics, when they are required)
+becomes champion. `promote` is the MLflow side: it reads both versions' evaluation files from their runs,
+decides, moves the `champion` alias when the challenger passes (not in a dry run), and records the decision
+with every difference, interval, n, test and seed on the challenger's version (tags, description, and a
+`gate/` folder of its run with decision.json, the annotations and the chart).
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from orpo.head_to_head import EvaluationFiles, HeadToHead, read_evaluation
 
 if TYPE_CHECKING:
     from orpo.config import GateConfig, PipelineConfig
@@ -44,6 +52,18 @@ TAG_DECISION = "gate.decision"
 TAG_REASON = "gate.reason"
 TAG_AGAINST = "gate.champion_version"
 TAG_COMPARED = "gate.compared"
+TAG_MODE = "gate.mode"
+# Run artifact folders: what `orpo.registry.log_evaluation` logs, and what the gate adds.
+EVALUATION_ARTIFACT = "evaluation"
+GATE_ARTIFACT = "gate"
+TAG_DIFFERENCE_PREFIX = "gate.diff."
+
+PROMOTED = "promoted"
+KEPT = "kept"
+NO_DIFFERENCE = "no significant difference"
+# MLflow caps tag values (5000 characters on some stores); JSON past this is cut down, never truncated.
+_MAX_TAG = 4000
+_MAX_DESCRIPTION = 5000  # the model_versions.description column of MLflow's SQL stores
 
 
 @dataclass(frozen=True)
@@ -54,8 +74,17 @@ class GateDecision:
     reason: str
     challenger_version: str
     champion_version: str | None
-    # metric -> {"challenger": x, "champion": y, "delta": x - y, "rule": "...", "passed": bool}
+    # threshold: metric -> {"challenger": x, "champion": y, "delta": x - y, "rule": "...", "passed": bool}
+    # head_to_head: metric -> Difference.as_dict() + {"role", "margin", "verdict"}, or {"missing": reason}
     compared: dict[str, dict] = field(default_factory=dict)
+    # "promoted", "kept", "no significant difference" (head_to_head); empty: promoted / rejected
+    outcome: str = ""
+    mode: str = "threshold"
+    chart: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.outcome or ("promoted" if self.promoted else "rejected")
 
 
 @dataclass(frozen=True)
@@ -134,12 +163,91 @@ def decide(
     return verdict(True, f"passed: {passed_text}{skipped}")
 
 
-def promote(config: PipelineConfig, version: RegisteredVersion) -> GateDecision:
-    """Gate `version` against the current champion; move `champion` to it when it passes.
+def _verdict(entry: dict, primary: bool) -> str:
+    low, high, null = entry["low"], entry["high"], entry["null"]
+    if primary and low > entry["margin"]:
+        return "above the margin"
+    if high < null:
+        return "significantly worse"
+    if low > null:
+        return "significantly better"
+    return "no significant difference"
 
-    The metrics of each side are the latest values logged to its version's run (see
-    `orpo.registry.log_evaluation`). The decision and the compared numbers are always recorded as tags on
-    the challenger's version, promoted or not.
+
+def decide_head_to_head(
+    head_to_head: HeadToHead,
+    gate: GateConfig,
+    *,
+    challenger_version: str = "",
+    champion_version: str | None = None,
+) -> GateDecision:
+    """Promote only when the primary difference's interval clears the margin and nothing regresses."""
+    compared: dict[str, dict] = {}
+    for metric in gate.gated_metrics:
+        difference = head_to_head.differences.get(metric)
+        if difference is None:
+            compared[metric] = {"missing": head_to_head.missing.get(metric, "not computed")}
+            continue
+        primary = metric == gate.primary_metric
+        entry = difference.as_dict()
+        entry["role"] = "primary" if primary else "guard"
+        entry["margin"] = (gate.margin if gate.margin is not None else difference.null) if primary else None
+        entry["verdict"] = _verdict(entry, primary)
+        entry["text"] = difference.text()
+        compared[metric] = entry
+
+    def verdict(outcome: str, reason: str) -> GateDecision:
+        return GateDecision(outcome == PROMOTED, reason, challenger_version, champion_version, compared,
+                            outcome, "head_to_head")
+
+    missing = {m: e["missing"] for m, e in compared.items() if "missing" in e}
+    primary = compared[gate.primary_metric]
+    if "missing" in primary:
+        return verdict(KEPT, f"the primary metric {gate.primary_metric} could not be compared: "
+                             f"{primary['missing']}")
+    if gate.require_metrics and missing:
+        return verdict(KEPT, "missing gated metrics: " + "; ".join(f"{m}: {r}" for m, r in missing.items()))
+    regressions = [e["text"] for m, e in compared.items() if e.get("verdict") == "significantly worse"
+                   and m != gate.primary_metric]
+    margin_text = f"{primary['margin']:g}{primary['unit']}"
+    if primary["verdict"] == "above the margin":
+        if primary["n"] < gate.min_prompts:
+            return verdict(KEPT, f"{primary['text']} clears {margin_text}, but on only {primary['n']} "
+                                 f"prompts (registry.gate.min_prompts = {gate.min_prompts})")
+        if regressions:
+            return verdict(KEPT, f"{primary['text']} clears {margin_text}, but significantly worse: "
+                                 + "; ".join(regressions))
+        skipped = f" (not compared: {', '.join(missing)})" if missing else ""
+        return verdict(PROMOTED, f"{primary['text']} lies above {margin_text}{skipped}")
+    if primary["verdict"] == "significantly worse" or regressions:
+        worse = [primary["text"]] if primary["verdict"] == "significantly worse" else regressions
+        return verdict(KEPT, "the challenger is significantly worse: " + "; ".join(worse))
+    if primary["verdict"] == "significantly better":  # better than the champion, not by the margin asked for
+        return verdict(KEPT, f"{primary['text']} is better than no difference but does not lie above "
+                             f"{margin_text}")
+    return verdict(NO_DIFFERENCE, f"{primary['text']} does not lie above {margin_text}")
+
+
+# --- MLflow ---------------------------------------------------------------------------------------------
+
+
+def promote(
+    config: PipelineConfig,
+    version: RegisteredVersion,
+    *,
+    champion_version: str | None = None,
+    dry_run: bool = False,
+    api_key: str | None = None,
+    judge=None,
+    start_report_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> GateDecision:
+    """Gate `version` against the champion (the `champion` alias, or `champion_version`).
+
+    Moves `champion` to the challenger when it passes and records the decision on the challenger's version,
+    promoted or not; a `dry_run` decides and writes its files under `out_dir` only. The head-to-head judge
+    is `judge`, else built from `config.eval.judge` (`api_key` for an openai judge) only when some output
+    differs. `start_report_dir`: the start model's evaluation directory, for the summary chart.
     """
     from mlflow import MlflowClient
 
@@ -148,28 +256,33 @@ def promote(config: PipelineConfig, version: RegisteredVersion) -> GateDecision:
     configure_mlflow(config)
     client = MlflowClient()
     name = version.name
+    gate = config.registry.gate
     # Stores return version numbers as int or str; compare and report them as strings.
-    champion = _alias_version(client, name, ALIAS_CHAMPION)
+    champion = str(champion_version) if champion_version else _alias_version(client, name, ALIAS_CHAMPION)
     challenger_version = str(version.version)
     if champion == challenger_version:
-        decision = GateDecision(True, "already the champion", challenger_version, champion, {})
-        _record(client, version, decision)
+        decision = GateDecision(True, "already the champion", challenger_version, champion, {}, mode=gate.mode)
+    elif gate.mode == "threshold" or champion is None:
+        challenger_metrics = version_metrics(client, name, challenger_version)
+        champion_metrics = version_metrics(client, name, champion) if champion is not None else None
+        decision = decide(challenger_metrics, champion_metrics, gate, challenger_version=challenger_version,
+                          champion_version=champion)
+        if gate.mode != "threshold":
+            decision = replace(decision, outcome=PROMOTED if decision.promoted else KEPT, mode=gate.mode)
+    else:
+        out = Path(out_dir) if out_dir else _default_out_dir(config, name, challenger_version, champion)
+        decision = _head_to_head(client, config, name, challenger_version, champion, out,
+                                 judge=judge, api_key=api_key, start_report_dir=start_report_dir)
+    if dry_run:
+        log.info("dry run, nothing changed: %s version %s would be %s: %s", name, challenger_version,
+                 decision.label, decision.reason)
         return decision
-
-    challenger_metrics = version_metrics(client, name, challenger_version)
-    champion_metrics = version_metrics(client, name, champion) if champion is not None else None
-    decision = decide(
-        challenger_metrics,
-        champion_metrics,
-        config.registry.gate,
-        challenger_version=challenger_version,
-        champion_version=champion,
-    )
-    if decision.promoted:
+    if decision.promoted and champion != challenger_version:
         client.set_registered_model_alias(name, ALIAS_CHAMPION, challenger_version)
         log.info("promoted %s version %s to %s: %s", name, challenger_version, ALIAS_CHAMPION, decision.reason)
     else:
-        log.info("kept %s version %s as challenger: %s", name, challenger_version, decision.reason)
+        log.info("%s version %s stays challenger (%s): %s", name, challenger_version, decision.label,
+                 decision.reason)
     _record(client, version, decision)
     return decision
 
@@ -183,18 +296,153 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
+def _default_out_dir(config: PipelineConfig, name: str, challenger: str, champion: str) -> Path:
+    return Path(config.workdir) / "gate" / f"{name}-v{challenger}-vs-v{champion}"
+
+
+def download_evaluation(client, name: str, version: str, dst: Path) -> EvaluationFiles:
+    """A version's evaluation files, read back from its run's `evaluation/` artifacts (empty if none)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id = client.get_model_version(name, version).run_id
+    if not run_id or not client.list_artifacts(run_id, EVALUATION_ARTIFACT):
+        log.warning("%s version %s has no %s/ artifacts; it was not evaluated here", name, version,
+                    EVALUATION_ARTIFACT)
+        return EvaluationFiles(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EVALUATION_ARTIFACT,
+                                                    dst_path=str(dst))
+    except (MlflowException, OSError) as exc:
+        log.warning("could not download the evaluation of %s version %s: %s", name, version, exc)
+        return EvaluationFiles(dst)
+    return read_evaluation(local)
+
+
+def _head_to_head(client, config: PipelineConfig, name: str, challenger: str, champion: str, out: Path, *,
+                  judge, api_key: str | None, start_report_dir: str | Path | None) -> GateDecision:
+    import tempfile
+
+    from orpo.gate_plots import summary_chart
+    from orpo.head_to_head import compare_evaluations, model_estimates
+
+    gate = config.registry.gate
+    built = [judge]
+
+    def get_judge():
+        if built[0] is None:
+            from evals.judges import build_judge
+
+            cache = config.eval.judge.cache_dir or str(Path(config.workdir) / "judge-cache")
+            built[0] = build_judge(config.eval.judge, api_key=api_key, cache_dir=cache)
+        return built[0]
+
+    stats = dict(confidence=gate.confidence, n_resamples=gate.bootstrap_resamples, seed=gate.seed)
+    with tempfile.TemporaryDirectory(prefix="orpo-gate-") as tmp:
+        theirs = download_evaluation(client, name, champion, Path(tmp) / "champion")
+        mine = download_evaluation(client, name, challenger, Path(tmp) / "challenger")
+        result = compare_evaluations(theirs, mine, get_judge, metrics=gate.gated_metrics, **stats)
+        decision = decide_head_to_head(result, gate, challenger_version=challenger, champion_version=champion)
+        start = model_estimates(mine, start_model=True, **stats)
+        if start_report_dir is not None:
+            start.update(model_estimates(read_evaluation(start_report_dir), **stats))
+        models = {"start model": start, f"champion v{champion}": model_estimates(theirs, **stats),
+                  f"challenger v{challenger}": model_estimates(mine, **stats)}
+    out.mkdir(parents=True, exist_ok=True)
+    chart = summary_chart(models, decision.compared, out / "summary.png",
+                          title=f"{name}: challenger v{challenger} vs champion v{champion} ({decision.label})")
+    (out / "head_to_head_annotations.json").write_text(
+        json.dumps(result.annotations, indent=2, ensure_ascii=False), encoding="utf-8")
+    decision = replace(decision, chart=str(chart))
+    (out / "decision.json").write_text(json.dumps(decision_record(decision), indent=2), encoding="utf-8")
+    return decision
+
+
+def decision_record(decision: GateDecision) -> dict:
+    """The decision as plain JSON (decision.json, the `gate.compared` tag)."""
+    return {"decision": decision.label, "promoted": decision.promoted, "reason": decision.reason,
+            "mode": decision.mode, "challenger_version": decision.challenger_version,
+            "champion_version": decision.champion_version, "compared": decision.compared}
+
+
+def _compared_tag(compared: dict[str, dict]) -> str:
+    text = json.dumps(compared, sort_keys=True)
+    if len(text) > _MAX_TAG:  # drop the prose first; the numbers are what a reader parses
+        slim = {m: {k: v for k, v in e.items() if k not in ("text", "note", "label")} for m, e in compared.items()}
+        text = json.dumps(slim, sort_keys=True)
+    return text if len(text) <= _MAX_TAG else json.dumps({"truncated": True, "see": "gate/decision.json"})
+
+
+def decision_markdown(decision: GateDecision, *, header: bool = True) -> str:
+    """The decision as a markdown table: each difference, its interval, n, the test and the seed."""
+    lines = [f"**Gate ({decision.mode}): {decision.label}**. {decision.reason}", ""] if header else []
+    if decision.mode == "head_to_head" and decision.compared:
+        lines += ["| metric | challenger vs champion | interval | n | test | seed | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for metric, e in decision.compared.items():
+            if "missing" in e:
+                lines.append(f"| {metric} | - | - | - | - | - | not compared: {e['missing']} |")
+                continue
+            interval = f"[{e['low']:.4g}, {e['high']:.4g}] ({e['confidence']:.0%})"
+            margin = f"; margin {e['margin']:g}" if e.get("margin") is not None else ""
+            p = f", p={e['p_value']:.3g}" if e.get("p_value") is not None else ""
+            lines.append(f"| {metric} ({e['role']}) | {e['estimate']:.4g}{e['unit']} | {interval} | {e['n']} | "
+                         f"{e['test']}{p} | {e['seed'] if e['seed'] is not None else '-'} | "
+                         f"{e['verdict']}{margin} |")
+    elif decision.compared:
+        lines += ["| metric | challenger | champion | delta | rule | passed |", "|---|---|---|---|---|---|"]
+        for metric, e in decision.compared.items():
+            lines.append(f"| {metric} | {e['challenger']:.4g} | {e['champion']:.4g} | {e['delta']:+.4g} | "
+                         f"{e['rule']} | {e['passed']} |")
+    return "\n".join(lines)
+
+
 def _record(client, version: RegisteredVersion, decision: GateDecision) -> None:
+    from orpo.registry import refresh_description
+
     tags = {
-        TAG_DECISION: "promoted" if decision.promoted else "rejected",
-        TAG_REASON: decision.reason[:4000],
+        TAG_DECISION: decision.label,
+        TAG_REASON: decision.reason[:_MAX_TAG],
         TAG_AGAINST: decision.champion_version or "none",
-        TAG_COMPARED: json.dumps(decision.compared, sort_keys=True)[:4000],
+        TAG_MODE: decision.mode,
+        TAG_COMPARED: _compared_tag(decision.compared),
     }
     # One short tag per compared metric, so the version page shows the numbers without parsing JSON.
     for metric, entry in decision.compared.items():
-        tags[f"gate.delta.{metric}"] = f"{entry['delta']:+.4g} ({'pass' if entry['passed'] else 'fail'})"
+        if "passed" in entry:
+            tags[f"gate.delta.{metric}"] = f"{entry['delta']:+.4g} ({'pass' if entry['passed'] else 'fail'})"
+        elif "text" in entry:
+            tags[TAG_DIFFERENCE_PREFIX + metric] = f"{entry['text']}: {entry['verdict']}"[:_MAX_TAG]
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, value)
-    from orpo.registry import refresh_description
-
     refresh_description(client, version.name, str(version.version))
+    if decision.mode == "head_to_head" and decision.compared:
+        # The description already says "Gate: <decision> (<reason>)" (refresh_description, from the tags).
+        described = client.get_model_version(version.name, version.version).description or ""
+        table = decision_markdown(decision, header=False)
+        client.update_model_version(version.name, version.version,
+                                    (described + "\n\n" + table)[:_MAX_DESCRIPTION])
+    if decision.chart and Path(decision.chart).parent.is_dir():
+        client.log_artifacts(version.run_id, str(Path(decision.chart).parent), GATE_ARTIFACT)
+
+
+def resolve_version(config: PipelineConfig, uri: str) -> RegisteredVersion:
+    """`models:/NAME/N` or `models:/NAME@ALIAS` as a registered version; ValueError naming what is wrong."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+
+    from orpo.registry import RegisteredVersion, configure_mlflow, mlflow_client
+
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri.strip())
+    if not match:
+        raise ValueError(f"{uri!r} is not a model version URI; use models:/NAME/VERSION or models:/NAME@ALIAS")
+    name, number, alias = match.groups()
+    configure_mlflow(config)
+    client = mlflow_client()
+    try:
+        found = client.get_model_version(name, number) if number else client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise ValueError(f"{uri} not found in {config.resolved_tracking_uri()}: {exc.message}") from None
+    return RegisteredVersion(name, str(found.version), found.run_id, f"models:/{name}/{found.version}", False)

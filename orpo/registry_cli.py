@@ -117,8 +117,35 @@ def compare(
             cells += [_format(row[metric]), _format(row[DELTA_PREFIX + metric], signed=True)]
         table.add_row(*cells)
     console.print(table)
+    _print_gate_decisions(frame)
     run_id = log_comparison(cfg, frame, png)
     console.print(f"chart: [bold]{png}[/bold] (logged to MLflow run {run_id})")
+
+
+def _print_gate_decisions(frame) -> None:
+    """The head-to-head differences each version's gate decision recorded, with their intervals."""
+    from rich.table import Table
+
+    from orpo.compare import H2H_PREFIX
+
+    metrics = [c[len(H2H_PREFIX):] for c in frame.columns
+               if c.startswith(H2H_PREFIX) and not c.endswith((" low", " high", " n"))]
+    if not metrics:
+        return
+    table = Table(title="gate decisions: challenger vs the champion it faced (estimate [interval], n)")
+    for column in ("version", "decision", "vs", *metrics):
+        table.add_column(column, justify="right" if column in metrics else "left")
+    for version, row in frame.iterrows():
+        if not row.get("gate.decision"):
+            continue
+        cells = [str(version), str(row["gate.decision"]), str(row.get("gate.champion_version", ""))]
+        for metric in metrics:
+            estimate = row.get(H2H_PREFIX + metric, math.nan)
+            cells.append("-" if math.isnan(estimate) else
+                         f"{estimate:.3g} [{row[f'{H2H_PREFIX}{metric} low']:.3g}, "
+                         f"{row[f'{H2H_PREFIX}{metric} high']:.3g}], n={row[f'{H2H_PREFIX}{metric} n']:.0f}")
+        table.add_row(*cells)
+    console.print(table)
 
 
 def ui(
@@ -160,3 +187,46 @@ def server_command(backend_uri: str, artifacts_dir: Path, port: int) -> list[str
         "--backend-store-uri", backend_uri,
         "--artifacts-destination", str(artifacts_dir),
     ]
+
+
+def gate(
+    challenger: str = typer.Option(..., "--challenger", help="The challenger: models:/NAME/N (or models:/NAME@ALIAS)."),
+    champion: Optional[str] = typer.Option(
+        None, "--champion", help="The champion to beat (default: models:/NAME@champion)."
+    ),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    promote: bool = typer.Option(
+        False, "--promote", help="Move the champion alias when the challenger passes and record the decision."
+    ),
+    start_report: Optional[Path] = typer.Option(
+        None, "--start-report", help="The start model's evaluation directory, drawn in the chart."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Folder for decision.json, the annotations and the chart "
+        "(default: <workdir>/gate/<name>-v<challenger>-vs-v<champion>)."
+    ),
+) -> None:
+    """Run the promotion gate on two registered versions by hand (a dry run unless --promote).
+
+    Compares the challenger with the champion as registry.gate says (head_to_head: on the same prompts,
+    each difference with its confidence interval) and prints the decision with every difference.
+    """
+    from orpo.gate import decision_markdown, promote as run_gate, resolve_version
+
+    cfg = _load_config(config)
+    try:
+        version = resolve_version(cfg, challenger)
+        against = resolve_version(cfg, champion).version if champion else None
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if champion and not champion.strip().startswith(f"models:/{version.name}"):
+        console.print(f"[red]--champion must be a version of {version.name}, the challenger's model[/red]")
+        raise typer.Exit(2)
+    decision = run_gate(cfg, version, champion_version=against, dry_run=not promote, start_report_dir=start_report,
+                        out_dir=out)
+    console.print(decision_markdown(decision), markup=False)
+    if decision.chart:
+        console.print(f"chart: [bold]{decision.chart}[/bold]")
+    if not promote:
+        console.print("[yellow]dry run: nothing changed in the registry (add --promote to act on it)[/yellow]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -41,6 +42,15 @@ def store(tmp_path_factory):
     v2 = fake_version("cmp-model", _metrics(6.0, 14.5, 0.65), {"finetune": "full"})
     v3 = fake_version("cmp-model", {"mt_bench/score": 4.0}, {"finetune": "lora"})  # partly evaluated
     client = MlflowClient()
+    # Version 2 was gated head-to-head against version 1 (the tags `orpo.gate.promote` records).
+    compared = {
+        "head_to_head/win_rate": {"estimate": 62.5, "low": 55.0, "high": 70.0, "n": 40, "margin": 50.0},
+        "mt_bench/score": {"estimate": -0.1, "low": -0.4, "high": 0.2, "n": 10},
+        "preference/accuracy": {"missing": "no per-pair preference margins"},
+    }
+    for key, value in {"gate.mode": "head_to_head", "gate.decision": "promoted", "gate.champion_version": v1,
+                       "gate.compared": json.dumps(compared)}.items():
+        client.set_model_version_tag("cmp-model", v2, key, value)
     client.set_registered_model_alias("cmp-model", "champion", v1)
     client.set_registered_model_alias("cmp-model", "challenger", v3)
     config_path = dump_config(config, root / "config.yaml")
@@ -63,6 +73,24 @@ def test_table_has_metrics_and_deltas_against_the_champion(store, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_recorded_gate_differences_become_columns_and_a_chart(store, tmp_path):
+    from orpo.compare import gate_png_path
+
+    png = tmp_path / "chart.png"
+    frame = compare_versions(store["config"], None, png)
+    assert frame.loc["2", "h2h head_to_head/win_rate"] == 62.5
+    assert (frame.loc["2", "h2h head_to_head/win_rate low"], frame.loc["2", "h2h head_to_head/win_rate high"]) == (
+        55.0, 70.0)
+    assert frame.loc["2", "h2h mt_bench/score n"] == 10
+    assert "h2h preference/accuracy" not in frame.columns  # not compared: no column
+    assert math.isnan(frame.loc["1", "h2h head_to_head/win_rate"])
+    gate_png = gate_png_path(png)
+    assert gate_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A comparison without any gated version leaves no chart of intervals behind.
+    compare_versions(store["config"], ["1", "3"], png)
+    assert not gate_png.exists()
+
+
 def test_selected_versions_and_unknown_ones(store):
     frame = compare_versions(store["config"], ["2", "1"])
     assert list(frame.index) == ["2", "1"]
@@ -83,7 +111,8 @@ def test_comparison_is_logged_to_mlflow(store, tmp_path):
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.data.tags["orpo.kind"] == "compare" and run.data.tags["versions"] == "1,2"
-    assert {a.path for a in client.list_artifacts(run_id, "compare")} == {"compare/chart.png", "compare/compare.csv"}
+    assert {a.path for a in client.list_artifacts(run_id, "compare")} == {
+        "compare/chart.png", "compare/chart-gate.png", "compare/compare.csv"}
 
 
 def _app() -> typer.Typer:
@@ -106,7 +135,8 @@ def test_compare_command_prints_the_table_and_writes_the_chart(store, tmp_path):
     assert "+1.000" in result.output  # mt_bench delta of version 2 against the champion
     assert "+4.500" in result.output
     assert "champion" in result.output
-    assert out.is_file()
+    assert "gate decisions" in result.output and "62.5 [55, 70], n=40" in result.output
+    assert out.is_file() and out.with_name("cli-gate.png").is_file()
     result = CliRunner().invoke(_app(), ["compare", "--config", str(store["config_path"]), "--name", "nope"])
     assert result.exit_code == 2 and "nope" in result.output
 

@@ -1,11 +1,15 @@
-"""The promotion gate: the pure rule (`decide`) for win / loss / tie / no champion, and `promote`
-moving the `champion` alias and recording its decision on a sqlite MLflow store."""
+"""The promotion gate on a sqlite MLflow store: the threshold rule (`decide`) for win / loss / tie / no
+champion; `promote` in head_to_head mode reading both versions' evaluation files back from MLflow, keeping
+the champion against an identical challenger, promoting a clearly preferred one, recording every
+decision; the Prefect gate task; `orpo gate` (dry run and --promote). The head-to-head rule itself, without
+MLflow, is in test_head_to_head.py."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from gate_helpers import LongerAnswerJudge, NoJudge, judgments, long, margins, outputs, short, write_evaluation
 from test_registry_helpers import fake_version
 
 from orpo.config import GateConfig, PipelineConfig
@@ -100,7 +104,7 @@ def test_promote_moves_the_champion_alias_and_records_the_decision(tmp_path):
 
     from orpo.registry import RegisteredVersion, champion_uri, configure_mlflow
 
-    config = _config(tmp_path, min_mt_bench_delta=0.1)
+    config = _config(tmp_path, mode="threshold", min_mt_bench_delta=0.1)
     configure_mlflow(config)
     name = config.registry.registered_model_name
     client = MlflowClient()
@@ -137,3 +141,132 @@ def test_promote_moves_the_champion_alias_and_records_the_decision(tmp_path):
     assert client.get_model_version(name, better.version).tags["gate.decision"] == "promoted"
     # Gating the champion against itself changes nothing.
     assert promote(config, better).promoted
+
+
+# --- head_to_head on MLflow ---------------------------------------------------------------------------
+
+N_PROMPTS = 24
+PLAIN = [short(i) for i in range(N_PROMPTS)]
+BETTER = [long(i) for i in range(N_PROMPTS)]
+SCORES = {(q, t): 5.0 + q % 3 for q in range(6) for t in (1, 2)}
+PAIRS = margins([0.4] * 15 + [-0.3] * 5)
+
+
+@pytest.fixture(scope="module")
+def h2h(tmp_path_factory):
+    """A store with two evaluated versions of identical outputs, version 1 the champion."""
+    from mlflow import MlflowClient
+
+    from orpo.registry import configure_mlflow
+
+    root = tmp_path_factory.mktemp("h2h")
+    config = _config(root)
+    configure_mlflow(config)
+    state = {"root": root, "config": config, "client": MlflowClient(), "name": config.registry.registered_model_name,
+             "texts": {}}
+    first = evaluated_version(state, "v1", PLAIN)
+    assert promote(config, first, judge=NoJudge()).promoted  # no champion yet
+    state["v1"] = first
+    state["v2"] = evaluated_version(state, "v2", PLAIN)
+    return state
+
+
+def evaluated_version(state, label, texts):
+    from orpo.registry import RegisteredVersion, log_evaluation
+
+    client, name = state["client"], state["name"]
+    number = fake_version(name, {})
+    version = RegisteredVersion(name, number, client.get_model_version(name, number).run_id,
+                                f"models:/{name}/{number}", True)
+    report = write_evaluation(state["root"] / f"report-{label}-{number}", alpaca=outputs(label, texts),
+                              mt=judgments(label, SCORES), pref=PAIRS)
+    log_evaluation(state["config"], version, {"mt_bench/score": 6.0}, report)
+    state["texts"][number] = texts
+    return version
+
+
+def champion_of(state) -> str:
+    return str(state["client"].get_model_version_by_alias(state["name"], "champion").version)
+
+
+@pytest.mark.slow  # MLflow's first import and a fresh sqlite schema take ~15-35 s here
+def test_an_identical_challenger_is_kept_with_no_significant_difference(h2h):
+    config, client, name = h2h["config"], h2h["client"], h2h["name"]
+    decision = promote(config, h2h["v2"], judge=NoJudge())  # identical outputs never reach a judge
+    assert not decision.promoted and decision.outcome == "no significant difference", decision.reason
+    assert champion_of(h2h) == h2h["v1"].version
+    win = decision.compared["head_to_head/win_rate"]
+    assert (win["estimate"], win["low"], win["high"], win["n"]) == (50.0, 50.0, 50.0, N_PROMPTS)
+    assert decision.compared["mt_bench/score"]["estimate"] == 0.0  # paired from the two judgment files
+    assert decision.compared["preference/accuracy"]["n"] == len(PAIRS)
+
+    version = client.get_model_version(name, h2h["v2"].version)
+    assert version.tags["gate.decision"] == "no significant difference"
+    assert version.tags["gate.mode"] == "head_to_head" and version.tags["gate.champion_version"] == "1"
+    assert "50% [50, 50]" in version.tags["gate.diff.head_to_head/win_rate"]
+    assert "seed 0" in version.tags["gate.diff.head_to_head/win_rate"]
+    assert json.loads(version.tags["gate.compared"])["head_to_head/win_rate"]["n"] == N_PROMPTS
+    assert "| head_to_head/win_rate (primary) |" in version.description
+    assert "Gate: no significant difference" in version.description
+    logged = {a.path for a in client.list_artifacts(h2h["v2"].run_id, "gate")}
+    assert {"gate/summary.png", "gate/decision.json", "gate/head_to_head_annotations.json"} <= logged
+
+
+@pytest.mark.slow
+def test_a_preferred_challenger_is_promoted_and_a_dry_run_changes_nothing(h2h):
+    config, client, name = h2h["config"], h2h["client"], h2h["name"]
+    better = evaluated_version(h2h, "v3", BETTER)
+    judge = LongerAnswerJudge(PLAIN + BETTER)
+    dry = promote(config, better, judge=judge, dry_run=True, out_dir=h2h["root"] / "dry")
+    assert dry.promoted and champion_of(h2h) == h2h["v1"].version
+    assert "gate.decision" not in client.get_model_version(name, better.version).tags
+    assert (h2h["root"] / "dry" / "summary.png").is_file() and (h2h["root"] / "dry" / "decision.json").is_file()
+
+    decision = promote(config, better, judge=judge)
+    assert decision.promoted and decision.outcome == "promoted", decision.reason
+    assert decision.compared["head_to_head/win_rate"]["low"] > 50.0
+    assert champion_of(h2h) == better.version
+    assert client.get_model_version(name, better.version).tags["gate.decision"] == "promoted"
+
+
+@pytest.mark.slow
+def test_the_gate_task_keeps_the_champion_against_an_identical_run(h2h, prefect_harness):
+    """What a pipeline run forced on identical inputs does at its gate: version N+1, identical outputs,
+    the judge never built (the config's judge is a local model that is not even loaded)."""
+    from tasks.promote import gate_and_promote
+
+    champion = champion_of(h2h)
+    twin = evaluated_version(h2h, "twin", h2h["texts"][champion])
+    decision = gate_and_promote.fn(h2h["config"], twin)
+    assert not decision.promoted and decision.outcome == "no significant difference"
+    assert champion_of(h2h) == champion
+
+
+@pytest.mark.slow
+def test_gate_command_dry_run_and_promote(h2h):
+    import typer
+    from typer.testing import CliRunner
+
+    from orpo import registry_cli
+    from orpo.config import dump_config
+
+    app = typer.Typer()
+    app.command("gate")(registry_cli.gate)
+    app.command("noop")(lambda: None)
+    config_path = dump_config(h2h["config"], h2h["root"] / "config.yaml")
+    name = h2h["name"]
+    twin = evaluated_version(h2h, "cli", h2h["texts"][champion_of(h2h)])
+    before = champion_of(h2h)
+    args = ["gate", "--config", str(config_path), "--challenger", f"models:/{name}/{twin.version}",
+            "--champion", f"models:/{name}@champion"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "no significant difference" in result.output and "dry run" in result.output
+    assert "head_to_head/win_rate (primary)" in result.output
+    assert "gate.decision" not in h2h["client"].get_model_version(name, twin.version).tags
+    result = CliRunner().invoke(app, [*args, "--promote"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert h2h["client"].get_model_version(name, twin.version).tags["gate.decision"] == "no significant difference"
+    assert champion_of(h2h) == before
+    result = CliRunner().invoke(app, ["gate", "--config", str(config_path), "--challenger", "models:/nope"])
+    assert result.exit_code == 2 and "models:/NAME/VERSION" in result.output
