@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -21,21 +20,61 @@ from orpo.config import dump_config, load_config
 from orpo.errors import DEBUG_ENV, OrpoError, debug_enabled
 
 
+# Set by the `orpo` callback on every invocation: `orpo --debug ...`.
+_OPTIONS = {"debug": False}
+
+
+def _debug() -> bool:
+    return debug_enabled() or _OPTIONS["debug"]
+
+
 class OrpoGroup(TyperGroup):
     """The one place anticipated errors become a message: whatever command raised an `OrpoError`, the user
     sees its message and the exit code (1, or 2 for invalid input), not a traceback, unless `--debug` or
     ORPO_DEBUG=1 asks for it. Every `orpo` typer app (and the groups it mounts) uses this class."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except OrpoError as exc:
-            if debug_enabled() or ctx.find_root().params.get("debug"):
+            if _debug():
                 raise
             err = Console(stderr=True, highlight=False)
             err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             err.print(f"[dim](for the traceback: orpo --debug ... or {DEBUG_ENV}=1)[/dim]")
             raise typer.Exit(exc.exit_code) from None
+
+
+class _NoOrpoErrorTraceback(logging.Formatter):
+    """Formats as `inner` does, without the traceback of an OrpoError: Prefect logs every failed task with
+    its traceback, and for an anticipated error the message says it all. Other exceptions keep theirs."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        self.inner = inner or logging.Formatter()
+        super().__init__(datefmt=self.inner.datefmt)  # handlers such as rich's read the date format from here
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and isinstance(record.exc_info[1], OrpoError)):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None  # restored: other handlers (Prefect's API) keep it
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def _brief_flow_logs() -> None:
+    """Console handlers of this process (ours and Prefect's) leave out OrpoError tracebacks."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import APILogHandler
+
+    ensure_logging_setup()
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("prefect")]
+    for logger in [logging.getLogger(), *map(logging.getLogger, names)]:
+        for handler in logger.handlers:
+            if not isinstance(handler, APILogHandler) and not isinstance(handler.formatter, _NoOrpoErrorTraceback):
+                handler.setFormatter(_NoOrpoErrorTraceback(handler.formatter))
 
 
 app = typer.Typer(
@@ -82,7 +121,7 @@ def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
     debug: bool = typer.Option(False, "--debug", help=f"Tracebacks for anticipated errors too (or {DEBUG_ENV}=1)."),
 ) -> None:
-    # `debug` is read by OrpoGroup from the root context when an error reaches it.
+    _OPTIONS["debug"] = debug
     _setup_logging(verbose)
 
 
@@ -175,6 +214,19 @@ def train_command(
     console.print(f"model exported to [bold]{result.model_dir}[/bold] after {result.global_step} steps")
 
 
+def _preflight(cfg) -> None:
+    """What a run needs from outside, checked in seconds before anything is built or started: the model
+    (a wrong name or an unreachable hub), a local data source, and an MLflow tracking server."""
+    from orpo.data.binarize import input_files, is_hub_id
+    from orpo.models import check_model_available
+    from orpo.registry import check_tracking_server
+
+    check_tracking_server(cfg.resolved_tracking_uri())
+    if not is_hub_id(cfg.data.source):
+        input_files(cfg.data.source)
+    check_model_available(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)  # may build a built-in
+
+
 def _prepare(cfg):
     from orpo.data.binarize import default_dataset_dir, prepare_dataset
 
@@ -188,8 +240,11 @@ def run_command(
 ) -> None:
     """Run the whole pipeline once as a Prefect flow: prepare -> train -> register -> evaluate -> promote."""
     cfg = _load(config, overrides)
+    _preflight(cfg)
     from flows.pipeline import alignment_pipeline
 
+    if not _debug():
+        _brief_flow_logs()
     summary = alignment_pipeline(config=cfg)
     _print_summary(summary, ui_command="orpo ui" + (f" --config {config}" if config else ""))
 

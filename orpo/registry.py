@@ -123,7 +123,7 @@ MLFLOW_HTTP_DEFAULTS = {
 TRACKING_CONNECT_TIMEOUT_S = 5.0
 
 
-def _check_reachable(uri: str) -> None:
+def check_tracking_server(uri: str) -> None:
     """An http(s) tracking server must accept a connection now: one clear error in seconds instead of
     MLflow's retries failing minutes later inside whichever call came first."""
     import socket
@@ -156,7 +156,7 @@ def configure_mlflow(config: PipelineConfig) -> str:
     import mlflow
 
     uri = config.resolved_tracking_uri()
-    _check_reachable(uri)
+    check_tracking_server(uri)
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

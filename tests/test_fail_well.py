@@ -67,6 +67,42 @@ def test_train_with_a_missing_data_source_exits_1_and_leaves_no_output(tmp_path)
     assert not any(path.is_file() for path in tmp_path.rglob("*"))
 
 
+def test_run_checks_its_inputs_before_starting_prefect(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    start = time.monotonic()
+    result = CliRunner().invoke(_app(), ["run", f"workdir={tmp_path}", f"data.source={missing}",
+                                         "model.name_or_path=builtin:tiny-llama"])
+    assert result.exit_code == 1, result.output
+    _assert_short_error(result.output, str(missing))
+    assert time.monotonic() - start < 10  # no temporary Prefect server, no task retries
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flow_logs_leave_out_tracebacks_of_anticipated_errors_only():
+    import io
+    import logging
+
+    from orpo.cli import _NoOrpoErrorTraceback
+    from orpo.data.binarize import DataPreparationError
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_NoOrpoErrorTraceback(logging.Formatter("%(levelname)s %(message)s")))
+    logger = logging.getLogger("tests.fail_well")
+    logger.addHandler(handler)
+    try:
+        for error in (DataPreparationError("source x.jsonl is missing"), ValueError("a bug")):
+            try:
+                raise error
+            except Exception:
+                logger.error("task failed: %s", error, exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    anticipated, bug = stream.getvalue().split("ERROR task failed: a bug")
+    assert anticipated == "ERROR task failed: source x.jsonl is missing\n"
+    assert "Traceback" in bug and "ValueError: a bug" in bug
+
+
 def test_invalid_config_value_exits_2():
     result = CliRunner().invoke(_app(), ["config", "show", "data.recipe=h5"])
     assert result.exit_code == 2
