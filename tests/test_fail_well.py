@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 
 ORPO = str(REPO_ROOT / ".venv" / "bin" / "orpo")
 SAMPLE = REPO_ROOT / "data" / "samples" / "ultrafeedback_sample.jsonl"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _orpo(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -110,7 +104,7 @@ def test_invalid_config_value_exits_2():
 
 
 def test_unreachable_hub_fails_in_seconds_with_one_message(tmp_path):
-    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens: the hub is unreachable
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: the hub is unreachable
     start = time.monotonic()
     result = _orpo("train", f"workdir={tmp_path}", "model.name_or_path=someorg/somemodel",
                    env={"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": endpoint})
@@ -134,7 +128,7 @@ def test_register_against_a_closed_port_fails_in_seconds_naming_the_url(tmp_path
     from orpo.registry import MLFLOW_HTTP_DEFAULTS
 
     _complete_export(tmp_path, tiny_model_dir)
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:hunter2@127.0.0.1:{port}")
     for key in MLFLOW_HTTP_DEFAULTS:
         monkeypatch.setenv(key, "")  # remembered, so the defaults set by configure_mlflow are undone afterwards
@@ -180,7 +174,7 @@ def fake_stack(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ORPO_CACHE_DIR", str(tmp_path / "cache"))  # the per-user stack index
     workdir = tmp_path / "stack-work"
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
     log = tmp_path / "server.log"
     with open(log, "wb") as handle:
@@ -201,7 +195,7 @@ def fake_stack(tmp_path, monkeypatch):
 
 def test_stack_down_with_the_overrides_of_up_stops_it(fake_stack, tmp_path):
     workdir, port, process = fake_stack["workdir"], fake_stack["port"], fake_stack["process"]
-    ports = ["--prefect-port", str(port), "--mlflow-port", str(_free_port())]
+    ports = ["--prefect-port", str(port), "--mlflow-port", str(free_port())]
     runner = CliRunner()
 
     # Another config: no record there, but the port is up; say where the stack is instead of exiting 0.

@@ -5,7 +5,6 @@ flows use) still works."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,9 @@ from pathlib import Path
 import pytest
 
 from orpo.config import load_config
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +25,8 @@ def prefect_server(tmp_path_factory):
     from flows.stack import stack_env
 
     workdir = tmp_path_factory.mktemp("prefect-protections")
-    port = _free_port()
-    env = stack_env(load_config(None, [f"workdir={workdir}"]), port, _free_port())
+    port = free_port()
+    env = stack_env(load_config(None, [f"workdir={workdir}"]), port, free_port())
     Path(env["PREFECT_HOME"]).mkdir(parents=True)
     prefect = str(Path(sys.executable).parent / "prefect")
     log = workdir / "prefect.log"
