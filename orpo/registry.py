@@ -127,10 +127,13 @@ def check_tracking_server(uri: str) -> None:
     """An http(s) tracking server must accept a connection now: one clear error in seconds instead of
     MLflow's retries failing minutes later inside whichever call came first."""
     import socket
+    import urllib.request
 
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return  # reached through a proxy, as MLflow's requests will be: a direct connect proves nothing
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         with socket.create_connection((parts.hostname, port), timeout=TRACKING_CONNECT_TIMEOUT_S):

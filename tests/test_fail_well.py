@@ -204,6 +204,12 @@ def test_stack_down_with_the_overrides_of_up_stops_it(fake_stack, tmp_path):
     _assert_short_error(wrong.output, f"127.0.0.1:{port}", f"workdir={workdir.resolve()}")
     assert process.poll() is None
 
+    # A second `up` on the same port refuses before starting anything, and says which stack holds it.
+    twice = runner.invoke(_app(), ["stack", "up", *ports, f"workdir={tmp_path / 'elsewhere'}"])
+    assert twice.exit_code == 1, twice.output
+    _assert_short_error(twice.output, f"127.0.0.1:{port} is already in use", f"workdir={workdir.resolve()}")
+    assert not (tmp_path / "elsewhere").exists()
+
     status = runner.invoke(_app(), ["stack", "status", *ports, f"workdir={workdir}"])
     assert status.exit_code == 0, status.output
     assert "prefect-server: running" in status.output
