@@ -182,11 +182,12 @@ def _running_elsewhere(root: Path) -> list[Path]:
     """State dirs of other recorded stacks with a live process (stale index entries are dropped)."""
     live, kept = [], []
     for item in _index():
-        record = Path(item) / RECORD
-        if not record.is_file():
+        try:
+            entries = json.loads((Path(item) / RECORD).read_text())
+        except (OSError, ValueError):  # stopped (record removed) or unreadable: forget it
             continue
         kept.append(item)
-        if Path(item) != root and any(_alive(entry) for entry in json.loads(record.read_text())):
+        if Path(item) != root and any(_alive(entry) for entry in entries):
             live.append(Path(item))
     if kept != _index():
         _write_index(kept)
