@@ -16,11 +16,14 @@ from pathlib import Path
 
 import typer
 
+from orpo.cli import OrpoGroup
+
 app = typer.Typer(
     help="Evaluate a model: AlpacaEval, MT-Bench, diversity, preference accuracy, lm-eval.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OrpoGroup,
 )
 
 
@@ -51,18 +54,14 @@ def run(
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides, e.g. eval.judge.kind=openai."),
 ) -> None:
     """Generate, judge and score a model; writes report.json, report.md and PNG charts."""
-    from orpo.config import ConfigError, load_config
+    from orpo.config import load_config
 
     extra = list(overrides or [])
     if suite:
         extra.append(f"eval.suites=[{suite}]")
     if limit is not None:
         extra += [f"eval.alpaca_limit={limit}", f"eval.mt_bench_limit={limit}", f"eval.preference_limit={limit}"]
-    try:
-        cfg = load_config(config, extra)
-    except ConfigError as exc:
-        _fail(str(exc))
-        return
+    cfg = load_config(config, extra)  # a ConfigError exits 2 through OrpoGroup
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from evals.run import evaluate_model, model_label
 
@@ -102,14 +101,10 @@ def mt_bench_score_command(
 ) -> None:
     """Print MT-Bench scores (overall, per turn, per category, per model) of a FastChat judgment file as JSON."""
     from evals.mt_bench import mt_bench_scores, radar_chart
-    from evals.sources import SourceError, read_jsonl
+    from evals.sources import read_jsonl
 
-    try:
-        rows = read_jsonl(judgments)
-        question_rows = read_jsonl(questions) if questions else None
-    except SourceError as exc:
-        _fail(str(exc))
-        return
+    rows = read_jsonl(judgments)
+    question_rows = read_jsonl(questions) if questions else None
     for number, row in enumerate(rows, start=1):
         missing = [k for k in ("question_id", "model", "score", "turn") if k not in row]
         if missing:

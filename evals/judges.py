@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from orpo.errors import OrpoError
+
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class JudgeError(RuntimeError):
+class JudgeError(OrpoError, RuntimeError):
     """A judge request that failed for good (retries exhausted)."""
 
 

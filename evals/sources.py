@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from orpo.errors import OrpoError
+
 log = logging.getLogger(__name__)
 
 ALPACA_EVAL_REPO = "tatsu-lab/alpaca_eval"
@@ -27,7 +29,7 @@ MT_BENCH_HUB = "HuggingFaceH4/mt_bench_prompts"
 T = TypeVar("T")
 
 
-class SourceError(ValueError):
+class SourceError(OrpoError, ValueError):
     """An evaluation input that cannot be read; the message names the file, the record and the fix."""
 
 

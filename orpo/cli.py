@@ -13,8 +13,69 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
-from orpo.config import ConfigError, dump_config, load_config
+from orpo.config import dump_config, load_config
+from orpo.errors import DEBUG_ENV, OrpoError, debug_enabled
+
+
+# Set by the `orpo` callback on every invocation: `orpo --debug ...`.
+_OPTIONS = {"debug": False}
+
+
+def _debug() -> bool:
+    return debug_enabled() or _OPTIONS["debug"]
+
+
+class OrpoGroup(TyperGroup):
+    """The one place anticipated errors become a message: whatever command raised an `OrpoError`, the user
+    sees its message and the exit code (1, or 2 for invalid input), not a traceback, unless `--debug` or
+    ORPO_DEBUG=1 asks for it. Every `orpo` typer app (and the groups it mounts) uses this class."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except OrpoError as exc:
+            if _debug():
+                raise
+            err = Console(stderr=True, highlight=False)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            err.print(f"[dim](for the traceback: orpo --debug ... or {DEBUG_ENV}=1)[/dim]")
+            raise typer.Exit(exc.exit_code) from None
+
+
+class _NoOrpoErrorTraceback(logging.Formatter):
+    """Formats as `inner` does, without the traceback of an OrpoError: Prefect logs every failed task with
+    its traceback, and for an anticipated error the message says it all. Other exceptions keep theirs."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        self.inner = inner or logging.Formatter()
+        super().__init__(datefmt=self.inner.datefmt)  # handlers such as rich's read the date format from here
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and isinstance(record.exc_info[1], OrpoError)):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None  # restored: other handlers (Prefect's API) keep it
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def _brief_flow_logs() -> None:
+    """Console handlers of this process (ours and Prefect's) leave out OrpoError tracebacks."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import APILogHandler
+
+    ensure_logging_setup()
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("prefect")]
+    for logger in [logging.getLogger(), *map(logging.getLogger, names)]:
+        for handler in logger.handlers:
+            if not isinstance(handler, APILogHandler) and not isinstance(handler.formatter, _NoOrpoErrorTraceback):
+                handler.setFormatter(_NoOrpoErrorTraceback(handler.formatter))
+
 
 app = typer.Typer(
     name="orpo",
@@ -22,6 +83,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OrpoGroup,
 )
 config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=True)
 model_app = typer.Typer(help="Resolve and cache models (built-ins convert once, offline).", no_args_is_help=True)
@@ -51,15 +113,15 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]]):
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    return load_config(config, overrides or [])  # a ConfigError exits 2 through OrpoGroup
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    debug: bool = typer.Option(False, "--debug", help=f"Tracebacks for anticipated errors too (or {DEBUG_ENV}=1)."),
+) -> None:
+    _OPTIONS["debug"] = debug
     _setup_logging(verbose)
 
 
@@ -101,14 +163,9 @@ def model_resolve(
     cache_dir: Optional[Path] = typer.Option(None, help="Cache for built-in models."),
 ) -> None:
     """Resolve a model spec to a loadable directory (built-ins are converted and cached once)."""
-    from orpo.models import ModelResolutionError, resolve_model
+    from orpo.models import check_model_available
 
-    try:
-        resolved = resolve_model(spec, cache_dir)
-    except ModelResolutionError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    print(resolved.path)
+    print(check_model_available(spec, cache_dir).path)
 
 
 # --- stages -----------------------------------------------------------------------------------------
@@ -146,12 +203,29 @@ def train_command(
 ) -> None:
     """Train with ORPO in this process (use `accelerate launch -m orpo.train` for several GPUs)."""
     cfg = _load(config, overrides)
+    from orpo.models import check_model_available
+
+    # A wrong model name or an unreachable hub fails here, before data is prepared or an output dir exists.
+    check_model_available(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)
     if dataset_dir is None:
         dataset_dir = _prepare(cfg).dataset_dir
     from orpo.train import train
 
     result = train(cfg, dataset_dir, output_dir)
     console.print(f"model exported to [bold]{result.model_dir}[/bold] after {result.global_step} steps")
+
+
+def _preflight(cfg) -> None:
+    """What a run needs from outside, checked in seconds before anything is built or started: the model
+    (a wrong name or an unreachable hub), a local data source, and an MLflow tracking server."""
+    from orpo.data.binarize import input_files, is_hub_id
+    from orpo.models import check_model_available
+    from orpo.registry import check_tracking_server
+
+    check_tracking_server(cfg.resolved_tracking_uri())
+    if not is_hub_id(cfg.data.source):
+        input_files(cfg.data.source)
+    check_model_available(cfg.model.name_or_path, cfg.model.cache_dir, cfg.model.revision)  # may build a built-in
 
 
 def _prepare(cfg):
@@ -167,8 +241,11 @@ def run_command(
 ) -> None:
     """Run the whole pipeline once as a Prefect flow: prepare -> train -> register -> evaluate -> promote."""
     cfg = _load(config, overrides)
+    _preflight(cfg)
     from flows.pipeline import alignment_pipeline
 
+    if not _debug():
+        _brief_flow_logs()
     summary = alignment_pipeline(config=cfg)
     _print_summary(summary, ui_command="orpo ui" + (f" --config {config}" if config else ""))
 
@@ -219,11 +296,15 @@ def deploy_command(
     serve_deployments(cfg, config_path=str(config) if config else None)
 
 
+PREFECT_PORT_OPTION = typer.Option(4200, help="Prefect server port on 127.0.0.1.")
+MLFLOW_PORT_OPTION = typer.Option(5000, help="MLflow server port on 127.0.0.1.")
+
+
 @stack_app.command("up")
 def stack_up(
     config: Optional[Path] = CONFIG_OPTION,
-    prefect_port: int = typer.Option(4200, help="Prefect server port on 127.0.0.1."),
-    mlflow_port: int = typer.Option(5000, help="MLflow server port on 127.0.0.1."),
+    prefect_port: int = PREFECT_PORT_OPTION,
+    mlflow_port: int = MLFLOW_PORT_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
 ) -> None:
     """Start a Prefect server, the deployment server and an MLflow server on 127.0.0.1; wait until healthy."""
@@ -232,27 +313,41 @@ def stack_up(
 
     info = up(cfg, config_path=str(config) if config else None, prefect_port=prefect_port, mlflow_port=mlflow_port)
     console.print(f"Prefect UI: [bold]{info.prefect_url}[/bold]\nMLflow UI:  [bold]{info.mlflow_url}[/bold]")
-    console.print(f"logs and PIDs in {info.state_dir}; stop with `orpo stack down`")
+    again = " ".join([*([f"--config {config}"] if config else []), *(overrides or [])])
+    console.print(f"logs and PIDs in {info.state_dir}; stop with `orpo stack down{' ' + again if again else ''}`")
+
+
+def _print_stack(action, config: Optional[Path], prefect_port: int, mlflow_port: int,
+                 overrides: Optional[list[str]]) -> None:
+    """`down` and `status` find the stack as `up` recorded it: from the same config and overrides."""
+    for line in action(_load(config, overrides), ports=(prefect_port, mlflow_port)):
+        console.print(line)
 
 
 @stack_app.command("down")
-def stack_down(config: Optional[Path] = CONFIG_OPTION) -> None:
-    """Stop exactly the processes `orpo stack up` started."""
-    cfg = _load(config, None)
+def stack_down(
+    config: Optional[Path] = CONFIG_OPTION,
+    prefect_port: int = PREFECT_PORT_OPTION,
+    mlflow_port: int = MLFLOW_PORT_OPTION,
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+) -> None:
+    """Stop exactly the processes `orpo stack up` started (give it the same --config and overrides)."""
     from flows.stack import stack_down as down
 
-    for line in down(cfg):
-        console.print(line)
+    _print_stack(down, config, prefect_port, mlflow_port, overrides)
 
 
 @stack_app.command("status")
-def stack_status(config: Optional[Path] = CONFIG_OPTION) -> None:
-    """Show which stack processes are running."""
-    cfg = _load(config, None)
+def stack_status(
+    config: Optional[Path] = CONFIG_OPTION,
+    prefect_port: int = PREFECT_PORT_OPTION,
+    mlflow_port: int = MLFLOW_PORT_OPTION,
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+) -> None:
+    """Show which stack processes are running (give it the same --config and overrides as `up`)."""
     from flows.stack import stack_status as status
 
-    for line in status(cfg):
-        console.print(line)
+    _print_stack(status, config, prefect_port, mlflow_port, overrides)
 
 
 @app.command("dump-config", hidden=True)

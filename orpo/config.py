@@ -26,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from orpo.errors import UsageError
+
 
 class _Section(BaseModel):
     # A misspelt key is an error, not a silently ignored setting.
@@ -318,7 +320,7 @@ class PipelineConfig(_Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration that cannot run; the message says which key and what to do."""
 
 

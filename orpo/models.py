@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from orpo.errors import OrpoError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -43,7 +45,7 @@ CHATML_TEMPLATE = (
 )
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(OrpoError, ValueError):
     """A model spec that cannot be resolved; the message says what was tried and what to do."""
 
 
@@ -85,6 +87,61 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None, revision: str 
             f"model {spec!r} is neither an existing directory nor a hub id of the form owner/name"
         )
     return ResolvedModel(spec, spec, False)
+
+
+# One probe of the hub before any work, instead of transformers' retries (5 tries, ~25 s, then a long
+# traceback) deep inside loading: seconds, and one message naming the id and the endpoint.
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def check_model_available(spec: str, cache_dir: str | Path | None = None, revision: str | None = None,
+                          timeout_s: float = HUB_PROBE_TIMEOUT_S) -> ResolvedModel:
+    """Resolve `spec` and make sure it can be loaded: a hub id must be in the local Hugging Face cache or
+    answered by the hub within `timeout_s`. Raises ModelResolutionError naming the id, the endpoint and
+    what to do; with a cached copy an unreachable hub is only a warning."""
+    resolved = resolve_model(spec, cache_dir, revision)
+    if resolved.is_local:
+        return resolved
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cached = any(isinstance(huggingface_hub.try_to_load_from_cache(spec, name, revision=revision), str)
+                 for name in ("config.json", "adapter_config.json"))
+    where = f"model.name_or_path={spec!r}" + (f" (revision {revision})" if revision else "")
+    if constants.is_offline_mode():
+        if cached:
+            return resolved
+        raise ModelResolutionError(
+            f"{where} is not a local directory and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+            "and HF_HUB_OFFLINE is set: fix the name, point it at a local directory, or download it once "
+            "without HF_HUB_OFFLINE"
+        )
+    try:
+        huggingface_hub.model_info(spec, revision=revision, timeout=timeout_s)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        problem, detail = "is not on", type(exc).__name__
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        problem, detail = ("is not on" if status in (401, 403, 404) else "got an error from"), f"HTTP {status}"
+    except Exception as exc:  # noqa: BLE001 - any transport failure (refused, DNS, timeout) means unreachable
+        if cached:
+            log.warning("cannot reach %s (%s); using the cached copy of %s (set HF_HUB_OFFLINE=1 to skip the "
+                        "hub)", constants.ENDPOINT, exc, spec)
+            return resolved
+        raise ModelResolutionError(
+            f"{where}: cannot reach the Hugging Face hub at {constants.ENDPOINT} within {timeout_s:.0f} s ({exc}) "
+            "and there is no cached copy; check the network (or HF_ENDPOINT), or use a local directory"
+        ) from None
+    else:
+        return resolved
+    if cached:
+        log.warning("%s %s %s (%s); using the cached copy", spec, problem, constants.ENDPOINT, detail)
+        return resolved
+    raise ModelResolutionError(
+        f"{where} {problem} the Hugging Face hub at {constants.ENDPOINT} ({detail}): check the id and revision; "
+        "a private or gated model needs HF_TOKEN (huggingface-cli login)"
+    ) from None
 
 
 def _atomic_build(target: Path, build) -> Path:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from orpo.config import PipelineConfig, flatten, load_config
+from orpo.errors import OrpoError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -81,7 +82,7 @@ _SECRET_KEY = re.compile(r"(^|[._])(password|passwd|token|secret_key|api_key|acc
 _MAX_PARAM_LENGTH = 6000
 
 
-class RegistrationError(ValueError):
+class RegistrationError(OrpoError, ValueError):
     """A training directory that cannot be registered; the message says which file and what to do."""
 
 
@@ -111,6 +112,41 @@ class TrainExport:
 # --- the store -----------------------------------------------------------------------------------------
 
 
+# MLflow's own HTTP settings, for this process when the user has set none: its defaults (7 retries with
+# backoff factor 2, 120 s per request) turn one unreachable server into minutes of silence. A few retries
+# still ride out a server restart; a transfer counts as stalled after 60 s without bytes, not 120.
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+TRACKING_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_tracking_server(uri: str) -> None:
+    """An http(s) tracking server must accept a connection now: one clear error in seconds instead of
+    MLflow's retries failing minutes later inside whichever call came first."""
+    import socket
+    import urllib.request
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(parts.hostname):
+        return  # reached through a proxy, as MLflow's requests will be: a direct connect proves nothing
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=TRACKING_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        shown = _redact("tracking_uri", uri)
+        raise RegistrationError(
+            f"the MLflow tracking server {shown} cannot be reached ({exc.strerror or exc}); start it "
+            "(`orpo stack up`, or `mlflow server`), or point registry.tracking_uri / MLFLOW_TRACKING_URI at a "
+            "running server (unset both for the local sqlite store)"
+        ) from None
+
+
 def configure_mlflow(config: PipelineConfig) -> str:
     """Point MLflow (tracking and registry) at the configured store and experiment; returns the URI.
 
@@ -118,9 +154,12 @@ def configure_mlflow(config: PipelineConfig) -> str:
     database, instead of MLflow's default `./mlruns` under whatever the current directory is.
     """
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    for key, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     import mlflow
 
     uri = config.resolved_tracking_uri()
+    check_tracking_server(uri)
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

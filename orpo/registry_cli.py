@@ -26,13 +26,9 @@ _CONFIG_HELP = (
 
 
 def _load_config(config: Optional[Path], overrides: Optional[list[str]] = None):
-    from orpo.config import ConfigError, load_config
+    from orpo.config import load_config
 
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    return load_config(config, overrides or [])  # a ConfigError exits 2 through orpo.cli.OrpoGroup
 
 
 def register(
@@ -48,14 +44,10 @@ def register(
 
     The same export registered again returns its version; one without export_complete.json is refused.
     """
-    from orpo.registry import RegistrationError, register_training_run
+    from orpo.registry import register_training_run
 
     cfg = _load_config(config, overrides)
-    try:
-        version = register_training_run(cfg, train_dir)
-    except RegistrationError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    version = register_training_run(cfg, train_dir)
     state = "registered" if version.created else "already registered as"
     console.print(f"{state} [bold]{version.model_uri}[/bold] (MLflow run {version.run_id})")
     console.print(f"store: {cfg.resolved_tracking_uri()}")

@@ -108,3 +108,12 @@ def tiny_pipeline_overrides(workdir: Path, *extra: str) -> list[str]:
         "eval.judge.max_new_tokens=8",
         *extra,
     ]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -17,18 +16,12 @@ import pytest
 import yaml
 
 from orpo.config import load_config
-from tests.conftest import REPO_ROOT, tiny_pipeline_overrides
+from tests.conftest import REPO_ROOT, free_port, tiny_pipeline_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def stack(tmp_path_factory):
                                                        f"registry.tracking_uri=sqlite:///{workdir}/mlflow.db"))
     config_path = workdir / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     info = stack_up(config, config_path=str(config_path), prefect_port=prefect_port, mlflow_port=mlflow_port,
                     timeout_s=180)
     saved = {key: os.environ.get(key) for key in ("PREFECT_API_URL", "PREFECT_HOME")}

@@ -52,6 +52,7 @@ from orpo.data.ultrafeedback import (
     normalize_binarized,
     parse_record,
 )
+from orpo.errors import OrpoError
 
 if TYPE_CHECKING:
     from orpo.config import DataConfig
@@ -79,7 +80,7 @@ HUB_SPLITS = {
 }
 
 
-class DataPreparationError(RuntimeError):
+class DataPreparationError(OrpoError, RuntimeError):
     """Binarization cannot go on; the message says what to change."""
 
 

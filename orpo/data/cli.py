@@ -18,11 +18,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from orpo.cli import OrpoGroup
+
 app = typer.Typer(
     help="Preference data: binarize raw UltraFeedback (or binarized sets) into prompt/chosen/rejected pairs.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OrpoGroup,
 )
 console = Console()
 log = logging.getLogger(__name__)
@@ -54,16 +57,13 @@ def _data_config(config: Path | None, overrides: dict[str, Any]):
     given applied, validated; and where datasets go by default."""
     from pydantic import ValidationError
 
-    from orpo.config import ConfigError, DataConfig, load_config
+    from orpo.config import DataConfig, load_config
 
+    pipeline = load_config(config) if config is not None else None  # a ConfigError exits 2 through OrpoGroup
+    base = pipeline.data if pipeline is not None else DataConfig()
+    merged = {**base.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        pipeline = load_config(config) if config is not None else None
-        base = pipeline.data if pipeline is not None else DataConfig()
-        merged = {**base.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
         return DataConfig.model_validate(merged), Path(pipeline.workdir if pipeline is not None else "runs")
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
     except ValidationError as exc:
         for item in exc.errors():
             key = ".".join(str(part) for part in item["loc"])
@@ -122,9 +122,7 @@ def binarize(
     """Binarize preference data into a DatasetDict (train/test) + manifest.json."""
     import json
 
-    from orpo.data.binarize import DataPreparationError, dataset_key, prepare_dataset
-    from orpo.data.decontaminate import DecontaminationFileError
-    from orpo.data.ultrafeedback import MalformedRecordError
+    from orpo.data.binarize import dataset_key, prepare_dataset
 
     cfg, workdir = _data_config(
         config,
@@ -145,12 +143,8 @@ def binarize(
             "output_dir": str(out) if out else None,
         },
     )
-    try:
-        target = Path(cfg.output_dir) if cfg.output_dir else workdir / "data" / dataset_key(cfg)
-        prepared = prepare_dataset(cfg, target, progress=progress)
-    except (MalformedRecordError, DataPreparationError, DecontaminationFileError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    target = Path(cfg.output_dir) if cfg.output_dir else workdir / "data" / dataset_key(cfg)
+    prepared = prepare_dataset(cfg, target, progress=progress)  # its errors are OrpoErrors: see OrpoGroup
     manifest = json.loads(prepared.manifest_path.read_text(encoding="utf-8"))
     console.print(_summary(prepared, manifest))
     console.print(f"fingerprint {prepared.fingerprint}", style="dim", highlight=False)

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from itertools import chain, repeat
 from pathlib import Path
 
+from orpo.errors import OrpoError
+
 log = logging.getLogger(__name__)
 
 CONTAMINATED_SOURCES = ("truthful_qa",)
 _WORD = re.compile(r"\w+")
 
 
-class DecontaminationFileError(ValueError):
+class DecontaminationFileError(OrpoError, ValueError):
     """An evaluation prompt file that cannot be read; the message names the file and what was expected."""
 
 

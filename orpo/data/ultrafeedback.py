@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orpo.errors import OrpoError
+
 ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 RECIPES = ("h4", "argilla", "max-min")
 
@@ -46,7 +48,7 @@ FIXED_OVERALL_SCORE = 1.0
 BUG_MAX_FINE_GRAINED = 2.0
 
 
-class MalformedRecordError(ValueError):
+class MalformedRecordError(OrpoError, ValueError):
     """A record that does not follow the schema: says where (file:line) and which field."""
 
     def __init__(self, location: str, field: str, problem: str) -> None:
