@@ -24,7 +24,7 @@ from orpo.config import PipelineConfig, load_config, validate_config
 from orpo.models import PinnedModel
 from orpo.run_identity import RunInputs, run_inputs
 from tasks.evaluate import evaluate
-from tasks.prepare import prepare_data
+from tasks.prepare import SeenShards, prepare_data, shards_seen_by
 from tasks.promote import gate_and_promote
 from tasks.register import find_unchanged, log_evaluation, register_model
 from tasks.train import resolve_start_model, train_model, training_config
@@ -145,6 +145,17 @@ def _unchanged_markdown(version: str, inputs: RunInputs, config: PipelineConfig)
     ])
 
 
+def _no_new_shards_markdown(seen: SeenShards, config: PipelineConfig) -> str:
+    return "\n".join([
+        f"# Unchanged since version {seen.version}",
+        "",
+        f"`data.incremental` trains only on shards the start model `models:/"
+        f"{config.registry.registered_model_name}/{seen.version}` has not seen, and every shard of "
+        f"`{config.data.source}` ({len(seen.seen)} seen) was in its data: nothing was trained, registered or "
+        "evaluated. Run with `force: true` to train on all shards anyway.",
+    ])
+
+
 @flow(name="alignment-pipeline", flow_run_name=_flow_run_name, log_prints=False)
 def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: str | None = None,
                        force: bool = False) -> PipelineSummary:
@@ -159,7 +170,17 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
     workdir = Path(config.workdir)
 
     start = resolve_start_model(config)
-    data = prepare_data(config)
+    seen = shards_seen_by(config, start)
+    if seen.version is not None and not seen.new and not force:
+        logger.info("no shard of %s is new since version %s: nothing to train", config.data.source, seen.version)
+        create_markdown_artifact(key="unchanged", markdown=_no_new_shards_markdown(seen, config),
+                                 description=f"Unchanged since version {seen.version}")
+        return PipelineSummary(
+            run_name=run_name, dataset_dir="", data_fingerprint="", data_counts={}, start_model=start.pinned,
+            unchanged_since=seen.version, model_name=config.registry.registered_model_name,
+            model_version=seen.version, model_uri=start.pinned, tracking_uri=config.resolved_tracking_uri(),
+            decision=f"skipped: no new shard since version {seen.version}")
+    data = prepare_data(config, seen.seen if seen.new else None)
     inputs = identify_run(config, data.fingerprint, start)
     summary = dict(run_name=run_name, dataset_dir=str(data.dataset_dir), data_fingerprint=data.fingerprint,
                    data_counts=data.counts, start_model=start.pinned, run_inputs_key=inputs.key,

@@ -409,6 +409,25 @@ def find_version_with_inputs(config: PipelineConfig, inputs: RunInputs) -> Any |
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def version_data_manifest(config: PipelineConfig, name: str, version: str) -> DataManifest | None:
+    """The data manifest logged with a version's training run (None when it has none)."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure_mlflow(config)
+    run_id = mlflow_client().get_model_version(name, version).run_id
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory(prefix="orpo-manifest-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"data/{MANIFEST}", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return read_manifest(path)
+
+
 def register_training_run(
     config: PipelineConfig,
     train_dir: str | Path,

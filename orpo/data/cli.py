@@ -118,6 +118,9 @@ def binarize(
     export: ExportChoice | None = typer.Option(None, "--export", help="Also export the splits as files."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config whose data section to start from."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Write the dataset even when no pair is left (default: exit 1 with the reasons)."
+    ),
 ) -> None:
     """Binarize preference data into a DatasetDict (train/test) + manifest.json."""
     import json
@@ -147,7 +150,7 @@ def binarize(
     )
     try:
         target = Path(cfg.output_dir) if cfg.output_dir else workdir / "data" / dataset_key(cfg)
-        prepared = prepare_dataset(cfg, target, progress=progress)
+        prepared = prepare_dataset(cfg, target, progress=progress, allow_empty=allow_empty)
     except (MalformedRecordError, DataPreparationError, DecontaminationFileError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
