@@ -122,6 +122,17 @@ def test_start_from_champion_pins_the_version_downloads_once_and_leaves_no_tempo
     assert not [p for p in set(Path(tempfile.gettempdir()).iterdir()) - temp_before if "mlflow" in p.name]
     assert len(list((cache / "mlflow").rglob(".orpo-source"))) == 1
 
+    # data.incremental: only shards the champion's data has not seen; none new -> nothing to do.
+    incremental = config.model_copy(update={"data": config.data.model_copy(update={"incremental": True})})
+    quiet = alignment_pipeline(config=incremental)
+    assert quiet.unchanged_since is not None and quiet.train_dir == ""
+    assert "no new shard" in quiet.decision
+    write_shards(drops, 60, 60, 40)
+    night4 = alignment_pipeline(config=incremental)
+    assert night4.data_counts["records_in"] == 40  # the new shard alone
+    excluded = read_manifest(night4.dataset_dir).model_extra["excluded_shards"]
+    assert [s["name"] for s in excluded] == ["2026-11-01.jsonl", "2026-11-02.jsonl"]
+
 
 def test_flow_parameters_are_the_config_model():
     """The UI renders the pipeline's parameters as a form built from the pydantic config's schema."""
