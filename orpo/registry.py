@@ -7,15 +7,18 @@ Every completed training export becomes one version of `registry.registered_mode
     decision = orpo.gate.promote(config, version)                  # maybe alias `champion`
 
 The version page answers on its own what data (fingerprint, recipe), what code (git commit), what config
-(hash, ORPO lambda, the resolved YAML), what base model, what it scored and whether it beat the champion.
+(hash, ORPO lambda, the resolved YAML), what base model (pinned: `models:/NAME/N`, never an alias), what
+it scored and whether it beat the champion. The run's inputs (`orpo.run_identity`) are tags too, so
+`find_version_with_inputs` finds a version trained from the same data, config, start model and code.
 
 The model is logged with MLflow's transformers flavor (task text-generation) so that
 `mlflow.transformers.load_model("models:/NAME@champion")` returns a generation pipeline:
 
 - full fine-tuning: the exported directory is logged as a local checkpoint (never loaded into memory);
-- LoRA: the adapter only, with a reference to its base model. A base model that is a local directory
-  (built-ins, local paths) is referenced by path (`base_model_path`, it must exist where the model is
-  loaded); a hub base model is referenced by hub id and commit, as MLflow does for PEFT models.
+- LoRA: the adapter only. Its `adapter_config.json` names the base portably (a hub id, a built-in or
+  `models:/NAME/N`; an adapter on any other local directory is refused), which is what `orpo.models`
+  resolves on any machine. MLflow's own loader additionally gets the local base directory
+  (`base_model_path`) when there is one, or the hub id and commit, as MLflow does for PEFT models.
   `registry.log_merged_model` also logs the adapter merged into its base (`merged_model`, not registered).
 
 The default store is `sqlite:///<workdir>/mlflow.db` with artifacts in `<workdir>/mlartifacts`; any other
