@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from orpo.config import PipelineConfig, load_config, validate_config
+from orpo.data.binarize import PreparedDataset
 from orpo.models import PinnedModel
 from orpo.run_identity import RunInputs, run_inputs
 from tasks.evaluate import evaluate
@@ -69,6 +70,11 @@ def effective_config(config: PipelineConfig | dict | None, config_path: str | No
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower().rsplit("/", 1)[-1].removeprefix("builtin:")).strip("-")
+
+
+def _spec_slug(spec: str) -> str:
+    """A whole pinned spec as a directory name: `models:/tiny-orpo/1` -> `models-tiny-orpo-1`."""
+    return re.sub(r"[^a-z0-9]+", "-", spec.lower()).strip("-")
 
 
 def run_name_for(config: PipelineConfig) -> str:
@@ -156,6 +162,35 @@ def _no_new_shards_markdown(seen: SeenShards, config: PipelineConfig) -> str:
     ])
 
 
+def _evaluate_start_model(config: PipelineConfig, start: PinnedModel, dataset_dir: Path) -> dict[str, float]:
+    """The start model's scores, from the cached evaluation when its version, settings and data are unchanged."""
+    pinned_config = config.model_copy(update={"model": config.model.model_copy(update={"revision": start.revision})})
+    out_dir = Path(config.workdir) / "reports" / f"base-{_spec_slug(start.pinned)}"
+    return evaluate_base(pinned_config, start.path, out_dir, dataset_dir, None, label="base").metrics
+
+
+def _summary_of_inputs(config: PipelineConfig, run_name: str, start: PinnedModel,
+                       data: PreparedDataset | None, inputs: RunInputs | None) -> dict:
+    return dict(
+        run_name=run_name, dataset_dir=str(data.dataset_dir) if data else "",
+        data_fingerprint=data.fingerprint if data else "", data_counts=data.counts if data else {},
+        start_model=start.pinned, run_inputs_key=inputs.key if inputs else "",
+        tracking_uri=config.resolved_tracking_uri(), model_name=config.registry.registered_model_name,
+    )
+
+
+def _skipped(config: PipelineConfig, run_name: str, start: PinnedModel, version: str, markdown: str, why: str,
+             data: PreparedDataset | None = None, inputs: RunInputs | None = None) -> PipelineSummary:
+    """A run with nothing new to learn: completes with an `unchanged` artifact, having trained nothing."""
+    get_run_logger().info("%s: nothing to train (force: true trains anyway)", why)
+    create_markdown_artifact(key="unchanged", markdown=markdown, description=f"Unchanged since version {version}")
+    return PipelineSummary(
+        **_summary_of_inputs(config, run_name, start, data, inputs), unchanged_since=version,
+        model_version=version, model_uri=f"models:/{config.registry.registered_model_name}/{version}",
+        decision=f"skipped: {why}",
+    )
+
+
 @flow(name="alignment-pipeline", flow_run_name=_flow_run_name, log_prints=False)
 def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: str | None = None,
                        force: bool = False) -> PipelineSummary:
@@ -172,29 +207,17 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
     start = resolve_start_model(config)
     seen = shards_seen_by(config, start)
     if seen.version is not None and not seen.new and not force:
-        logger.info("no shard of %s is new since version %s: nothing to train", config.data.source, seen.version)
-        create_markdown_artifact(key="unchanged", markdown=_no_new_shards_markdown(seen, config),
-                                 description=f"Unchanged since version {seen.version}")
-        return PipelineSummary(
-            run_name=run_name, dataset_dir="", data_fingerprint="", data_counts={}, start_model=start.pinned,
-            unchanged_since=seen.version, model_name=config.registry.registered_model_name,
-            model_version=seen.version, model_uri=start.pinned, tracking_uri=config.resolved_tracking_uri(),
-            decision=f"skipped: no new shard since version {seen.version}")
+        return _skipped(config, run_name, start, seen.version, _no_new_shards_markdown(seen, config),
+                        f"no new shard since version {seen.version}")
     data = prepare_data(config, seen.seen if seen.new else None)
     inputs = identify_run(config, data.fingerprint, start)
-    summary = dict(run_name=run_name, dataset_dir=str(data.dataset_dir), data_fingerprint=data.fingerprint,
-                   data_counts=data.counts, start_model=start.pinned, run_inputs_key=inputs.key,
-                   tracking_uri=config.resolved_tracking_uri(), model_name=config.registry.registered_model_name)
     same = find_unchanged(config, inputs)
     if same is not None and not force:
-        logger.info("inputs unchanged since version %s (key %s): nothing to train", same, inputs.key)
-        create_markdown_artifact(key="unchanged", markdown=_unchanged_markdown(same, inputs, config),
-                                 description=f"Unchanged since version {same}")
-        return PipelineSummary(**summary, unchanged_since=same, model_version=same,
-                               model_uri=f"models:/{config.registry.registered_model_name}/{same}",
-                               decision=f"skipped: inputs unchanged since version {same}")
+        return _skipped(config, run_name, start, same, _unchanged_markdown(same, inputs, config),
+                        f"inputs unchanged since version {same}", data=data, inputs=inputs)
     if same is not None:
         logger.info("inputs unchanged since version %s, but the run is forced", same)
+    summary = _summary_of_inputs(config, run_name, start, data, inputs)
 
     train_dir = train_dir_for(config)
     trained = train_model(training_config(config, start), data.dataset_dir, train_dir)
@@ -207,14 +230,9 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
     metrics = dict(evaluation.metrics)
     base_metrics: dict[str, float] = {}
     if config.orchestration.evaluate_base_model:
-        base_config = config.model_copy(
-            update={"model": config.model.model_copy(update={"revision": start.revision})})
-        base_eval = evaluate_base(base_config, start.path, workdir / "reports" / f"base-{_slug(start.pinned)}",
-                                  data.dataset_dir, None, label="base")
-        base_metrics = base_eval.metrics
-        for name in ("accuracy", "margin"):
-            if f"preference/{name}" in base_metrics:
-                metrics[f"preference/base_{name}"] = base_metrics[f"preference/{name}"]
+        base_metrics = _evaluate_start_model(config, start, data.dataset_dir)
+        metrics.update({f"preference/base_{name}": base_metrics[f"preference/{name}"]
+                        for name in ("accuracy", "margin") if f"preference/{name}" in base_metrics})
     log_evaluation(config, version, metrics, evaluation.report_dir)
     decision = gate_and_promote(config, version)
 

@@ -64,9 +64,13 @@ def test_three_nights_train_skip_and_train_on_the_new_shard(prefect_harness, tmp
     unchanged = _artifacts("unchanged")
     assert unchanged and "Unchanged since version 1" in unchanged[0].data and "force" in unchanged[0].data
 
+    base_report = tmp_path / "work" / "reports" / "base-builtin-tiny-llama" / "report.json"
+    stamp = base_report.stat().st_mtime_ns
     forced = alignment_pipeline(config=config, force=True)
     assert forced.model_version == "2" and forced.run_inputs_key == night1.run_inputs_key
     assert str(client.get_model_version_by_alias("tiny-orpo", "champion").version) in ("1", "2")
+    # Same base model, eval settings and data: the base evaluation of night 1 is reused, not recomputed.
+    assert base_report.stat().st_mtime_ns == stamp and forced.base_metrics == night1.base_metrics
 
     write_shards(drops, 60, 60, 40)  # the third day's drop
     night3 = alignment_pipeline(config=config)
@@ -74,6 +78,7 @@ def test_three_nights_train_skip_and_train_on_the_new_shard(prefect_harness, tmp
     assert night3.data_counts["pairs"] > night1.data_counts["pairs"]
     assert night3.data_counts["records_in"] == 160
     assert client.get_model_version("tiny-orpo", "3").tags["data_fingerprint"] == night3.data_fingerprint
+    assert base_report.stat().st_mtime_ns != stamp  # new test data: the base model is scored again
 
 
 @pytest.mark.slow

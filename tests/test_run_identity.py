@@ -27,7 +27,8 @@ def test_every_input_changes_the_key_and_the_tags_are_searchable():
     inputs = RunInputs("data", "config", "models:/m/1", "abc")
     keys = {inputs.key, RunInputs("data2", "config", "models:/m/1", "abc").key,
             RunInputs("data", "config2", "models:/m/1", "abc").key,
-            RunInputs("data", "config", "models:/m/2", "abc").key, RunInputs("data", "config", "models:/m/1", "abd").key}
+            RunInputs("data", "config", "models:/m/2", "abc").key,
+            RunInputs("data", "config", "models:/m/1", "abd").key}
     assert len(keys) == 5
     tags = inputs.tags()
     assert tags["run_inputs"] == inputs.key and tags["run_inputs.start_model"] == "models:/m/1"
