@@ -160,3 +160,25 @@ def test_bad_parameters_fail_before_any_work(tmp_path):
 
     with pytest.raises(ConfigError, match="train.learning_rate"):
         effective_config({"train": {"learning_rate": -1}}, None)
+
+
+def test_orpo_run_passes_force_and_reports_an_unchanged_run(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import flows.pipeline
+    from flows.pipeline import PipelineSummary
+    from orpo.cli import app
+
+    calls = []
+
+    def fake_pipeline(config, force=False):
+        calls.append(force)
+        return PipelineSummary(run_name="r", dataset_dir="", data_fingerprint="", data_counts={},
+                               unchanged_since="4", model_uri="models:/tiny-orpo/4", decision="skipped")
+
+    monkeypatch.setattr(flows.pipeline, "alignment_pipeline", fake_pipeline)
+    result = CliRunner().invoke(app, ["run", f"workdir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    assert "unchanged since version 4" in result.output and "--force" in result.output
+    CliRunner().invoke(app, ["run", "--force", f"workdir={tmp_path}"])
+    assert calls == [False, True]
