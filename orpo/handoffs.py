@@ -213,18 +213,25 @@ def read_metrics_jsonl(path: str | Path | None) -> list[dict[str, Any]]:
 
 
 class EvalReport(BaseModel):
-    """report.json of an evaluation: the metrics, and whatever each suite recorded besides."""
+    """report.json of an evaluation (written by evals.report): the flat metrics, and each suite's details."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    metrics: dict[str, float] = Field(default_factory=dict)
+    model: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict, description="Finite metrics only (null ones dropped).")
+    sections: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    charts: list[str] = Field(default_factory=list, description="Chart file names next to report.json.")
 
 
 def read_eval_report(report_dir: str | Path) -> EvalReport:
     path = Path(report_dir) / EVAL_REPORT
     if not path.is_file():
         raise HandoffError(f"{path} not found; evaluate the model first (`orpo eval run`)")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise HandoffError(f"{path} is not valid JSON: {exc}") from exc
     metrics = {k: float(v) for k, v in (data.get("metrics") or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
     return EvalReport.model_validate({**data, "metrics": metrics})
