@@ -24,8 +24,9 @@ from orpo.handoffs import (
 
 def _result(root: Path) -> TrainResult:
     return TrainResult(output_dir=root, model_dir=root / "model", merged_dir=root / "merged",
-                       metrics_path=root / "metrics.jsonl", final_metrics={"loss": 0.5}, base_model="builtin:tiny-llama",
-                       base_model_path="builtin:tiny-llama", is_lora=True, global_step=3, dataset_dir=Path("/data/ds"))
+                       metrics_path=root / "metrics.jsonl", final_metrics={"loss": 0.5},
+                       base_model="builtin:tiny-llama", base_model_path="builtin:tiny-llama", is_lora=True,
+                       global_step=3, dataset_dir=Path("/data/ds"))
 
 
 def test_train_result_paths_are_relative_and_follow_the_directory(tmp_path):
