@@ -164,8 +164,7 @@ class DataManifest(BaseModel):
     fingerprint: str = Field("unknown", description="sha256 over the output pairs.")
     counts: dict[str, int] = Field(default_factory=dict)
     dropped: dict[str, int] = Field(default_factory=dict)
-    shards: list[ShardInfo] = Field(default_factory=list)
-    incremental_from: str | None = Field(None, description="The data fingerprint whose shards were left out.")
+    shards: list[ShardInfo] = Field(default_factory=list, description="The input files read (local sources).")
 
 
 def write_manifest(manifest: DataManifest | dict[str, Any], dataset_dir: str | Path) -> Path:
