@@ -85,13 +85,15 @@ def _summary(prepared, manifest: dict[str, Any]) -> Table:
     table.add_row("dropped (total)", str(counts["dropped"]))
     if manifest.get("non_numeric_ratings"):
         table.add_row("non-numeric ratings (ignored)", str(manifest["non_numeric_ratings"]), style="dim")
+    if len(manifest.get("shards") or []) > 1:
+        table.add_row("shards read", str(len(manifest["shards"])), style="dim")
     return table
 
 
 @app.command("binarize")
 def binarize(
     source: str | None = typer.Option(
-        None, "--source", "-s", help="JSONL/JSON/Parquet file, a directory of them, or a hub id."
+        None, "--source", "-s", help="JSONL/JSON/Parquet file, a directory or glob of them (shards), or a hub id."
     ),
     recipe: RecipeChoice | None = typer.Option(None, "--recipe", "-r", help="How chosen/rejected are picked."),
     out: Path | None = typer.Option(
