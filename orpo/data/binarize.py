@@ -12,7 +12,9 @@ memory at a time, so 64k raw records (about 1 GB of JSON) never sit in memory as
 Every input record lands in exactly one place: the train split, the test split, or one drop reason of the
 manifest (`orpo.data.ultrafeedback.DROP_REASONS`); `prepare_dataset` checks that the counts add up.
 The same input, recipe, options and seed give byte-identical files and the same fingerprint. The output is
-built in a temporary sibling directory and renamed into place, so a crash never leaves half a dataset.
+built in a temporary sibling directory and renamed into place, so a crash never leaves half a dataset, and
+a source that yields no pair at all is an error naming the drop reasons (unless `allow_empty`).
+Reading (readers.py), the worker processes (pool.py) and the manifest (manifest.py) live next door.
 """
 
 from __future__ import annotations

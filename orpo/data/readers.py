@@ -206,7 +206,8 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[RawItem]
     """Stream the elements of a JSON array file without loading it whole; JSONL content is also accepted.
 
     A syntax error inside an array cannot be skipped (the rest of the file has no reliable boundaries),
-    so it always raises, naming the line.
+    so it always raises, naming the line. (pyarrow's JSON reader reads newline-delimited JSON only, and
+    `json.load` holds the whole array in memory; this loop feeds the standard decoder one element at a time.)
     """
     decoder = json.JSONDecoder()
     with path.open("r", encoding="utf-8") as handle:
