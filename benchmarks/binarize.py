@@ -179,7 +179,7 @@ def run_child(config: str, data: Path, out_dir: Path) -> None:
 
     from orpo.config import DataConfig
     from orpo.data import prepare_dataset
-    from orpo.data.binarize import _worker_count
+    from orpo.data.pool import worker_count as pool_worker_count
 
     recipe, decontaminate, workers = CONFIGS[config]
     cfg = DataConfig(
@@ -195,7 +195,7 @@ def run_child(config: str, data: Path, out_dir: Path) -> None:
     seconds = time.perf_counter() - start
     cpu_main, main_peak = _usage(resource.RUSAGE_SELF)
     cpu_workers, worker_peak = _usage(resource.RUSAGE_CHILDREN)
-    count = _worker_count(workers)
+    count = pool_worker_count(workers)
     worker_count = count if count > 1 else 0
     peak = main_peak + worker_count * worker_peak
     records = prepared.counts["records_in"]

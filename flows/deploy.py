@@ -56,8 +56,10 @@ def build_deployments(config: PipelineConfig, config_path: str | None = None) ->
     The nightly run reads `config_path` at run time, so edits to the file apply from the next night on. The
     on-demand deployments carry the config as their parameter defaults, so the UI form shows, and runs, it.
     """
-    nightly_parameters = {"config": config.model_dump(mode="json"), "config_path": config_path}
+    nightly_parameters = {"config": config.model_dump(mode="json"), "config_path": config_path, "force": False}
     parameters = {"config": config.model_dump(mode="json"), "config_path": None}
+    # A run whose inputs match a registered version is skipped, from the schedule or the UI, unless forced.
+    pipeline_parameters = {**parameters, "force": False}
     tags = list(config.orchestration.tags)
     schedule = Cron(config.orchestration.cron, timezone=config.orchestration.timezone)
     return [
@@ -67,8 +69,9 @@ def build_deployments(config: PipelineConfig, config_path: str | None = None) ->
             concurrency_limit=1,
         ),
         alignment_pipeline.to_deployment(
-            name=ON_DEMAND, parameters=parameters, tags=[*tags, "on-demand"],
-            description="The whole pipeline, when you click Run.",
+            name=ON_DEMAND, parameters=pipeline_parameters, tags=[*tags, "on-demand"],
+            description="The whole pipeline, when you click Run (skipped when nothing changed; tick force to "
+            "train anyway).",
         ),
         prepare_data_flow.to_deployment(name=ON_DEMAND, parameters=parameters, tags=tags),
         train_model_flow.to_deployment(name=ON_DEMAND, parameters=parameters, tags=tags),

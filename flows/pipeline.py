@@ -16,38 +16,49 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from orpo.config import PipelineConfig, load_config, validate_config
+from orpo.data.binarize import PreparedDataset
+from orpo.models import PinnedModel
+from orpo.run_identity import RunInputs, run_inputs
 from tasks.evaluate import evaluate
-from tasks.prepare import prepare_data
-from tasks.promote import gate_and_promote, start_model
-from tasks.register import log_evaluation, register_model
-from tasks.train import train_model
+from tasks.prepare import SeenShards, prepare_data, shards_seen_by
+from tasks.promote import gate_and_promote
+from tasks.register import find_unchanged, log_evaluation, register_model
+from tasks.train import resolve_start_model, train_model, training_config
 
 
 class PipelineSummary(BaseModel):
-    """What one pipeline run produced; printed by `orpo run` and returned to Prefect."""
+    """What one pipeline run produced; printed by `orpo run` and returned to Prefect.
+
+    A skipped run (`unchanged_since` set) trained, registered and evaluated nothing: the training fields
+    stay empty and `model_version` names the version that already holds these inputs.
+    """
 
     run_name: str
     dataset_dir: str
     data_fingerprint: str
     data_counts: dict[str, int]
-    train_dir: str
-    model_dir: str
-    global_step: int
-    train_metrics: dict[str, float]
-    model_name: str
-    model_version: str
-    model_uri: str
-    mlflow_run_id: str
-    tracking_uri: str
-    metrics: dict[str, float] = Field(description="Evaluation of the trained model.")
+    start_model: str = Field("", description="The pinned model training started from (models:/NAME/N, hub id...).")
+    run_inputs_key: str = Field("", description="The key of the run's inputs (version tag `run_inputs`).")
+    unchanged_since: str | None = Field(None, description="Set when skipped: the version with the same inputs.")
+    train_dir: str = ""
+    model_dir: str = ""
+    global_step: int = 0
+    train_metrics: dict[str, float] = Field(default_factory=dict)
+    model_name: str = ""
+    model_version: str = ""
+    model_uri: str = ""
+    mlflow_run_id: str = ""
+    tracking_uri: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation of the trained model.")
     base_metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation of the model it started from.")
-    report_dir: str
-    promoted: bool
-    decision: str
+    report_dir: str = ""
+    promoted: bool = False
+    decision: str = ""
 
 
 def effective_config(config: PipelineConfig | dict | None, config_path: str | None) -> PipelineConfig:
@@ -59,6 +70,11 @@ def effective_config(config: PipelineConfig | dict | None, config_path: str | No
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower().rsplit("/", 1)[-1].removeprefix("builtin:")).strip("-")
+
+
+def _spec_slug(spec: str) -> str:
+    """A whole pinned spec as a directory name: `models:/tiny-orpo/1` -> `models-tiny-orpo-1`."""
+    return re.sub(r"[^a-z0-9]+", "-", spec.lower()).strip("-")
 
 
 def run_name_for(config: PipelineConfig) -> str:
@@ -84,10 +100,16 @@ def _flow_run_name() -> str:
 
 
 def _base_eval_key(context, parameters) -> str:
+    """The base model's scores change only with the model's version, the eval settings or the test data.
+
+    `model_path` is the pinned start model's cache directory (or hub id; its commit is in the config's
+    model.revision), stable across nights, so yesterday's base evaluation is reused.
+    """
     config: PipelineConfig = parameters["config"]
     payload = json.dumps(
-        {"model": parameters["model_path"], "eval": config.eval.model_dump(mode="json"),
-         "dataset": str(parameters["dataset_dir"]), "report": str(Path(parameters["out_dir"]).resolve())},
+        {"model": parameters["model_path"], "revision": config.model.revision,
+         "eval": config.eval.model_dump(mode="json"), "dataset": str(parameters["dataset_dir"]),
+         "report": str(Path(parameters["out_dir"]).resolve())},
         sort_keys=True,
     )
     return "evaluate-base-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -105,48 +127,125 @@ def resolve_model_path(config: PipelineConfig, spec: str) -> str:
     return resolve_model(spec, config.model.cache_dir, config.model.revision).path
 
 
+@task(name="run-inputs")
+def identify_run(config: PipelineConfig, data_fingerprint: str, start: PinnedModel) -> RunInputs:
+    """The run's inputs (data fingerprint, semantic config hash, pinned start model, code revision)."""
+    return run_inputs(config, data_fingerprint, start.identity)
+
+
+def _unchanged_markdown(version: str, inputs: RunInputs, config: PipelineConfig) -> str:
+    name = config.registry.registered_model_name
+    return "\n".join([
+        f"# Unchanged since version {version}",
+        "",
+        f"`models:/{name}/{version}` was trained from exactly these inputs, so this run trained, registered "
+        "and evaluated nothing. Run with `force: true` (`orpo run --force`) to train anyway.",
+        "",
+        "| input | value |",
+        "|---|---|",
+        f"| data fingerprint | `{inputs.data_fingerprint}` |",
+        f"| config hash (fields that change the model) | `{inputs.config_hash}` |",
+        f"| start model | `{inputs.start_model}` |",
+        f"| code revision | `{inputs.code_revision}` |",
+        f"| run inputs key (version tag `run_inputs`) | `{inputs.key}` |",
+    ])
+
+
+def _no_new_shards_markdown(seen: SeenShards, config: PipelineConfig) -> str:
+    return "\n".join([
+        f"# Unchanged since version {seen.version}",
+        "",
+        f"`data.incremental` trains only on shards the start model `models:/"
+        f"{config.registry.registered_model_name}/{seen.version}` has not seen, and every shard of "
+        f"`{config.data.source}` ({len(seen.seen)} seen) was in its data: nothing was trained, registered or "
+        "evaluated. Run with `force: true` to train on all shards anyway.",
+    ])
+
+
+def _evaluate_start_model(config: PipelineConfig, start: PinnedModel, dataset_dir: Path) -> dict[str, float]:
+    """The start model's scores, from the cached evaluation when its version, settings and data are unchanged."""
+    pinned_config = config.model_copy(update={"model": config.model.model_copy(update={"revision": start.revision})})
+    out_dir = Path(config.workdir) / "reports" / f"base-{_spec_slug(start.pinned)}"
+    return evaluate_base(pinned_config, start.path, out_dir, dataset_dir, None, label="base").metrics
+
+
+def _summary_of_inputs(config: PipelineConfig, run_name: str, start: PinnedModel,
+                       data: PreparedDataset | None, inputs: RunInputs | None) -> dict:
+    return dict(
+        run_name=run_name, dataset_dir=str(data.dataset_dir) if data else "",
+        data_fingerprint=data.fingerprint if data else "", data_counts=data.counts if data else {},
+        start_model=start.pinned, run_inputs_key=inputs.key if inputs else "",
+        tracking_uri=config.resolved_tracking_uri(), model_name=config.registry.registered_model_name,
+    )
+
+
+def _skipped(config: PipelineConfig, run_name: str, start: PinnedModel, version: str, markdown: str, why: str,
+             data: PreparedDataset | None = None, inputs: RunInputs | None = None) -> PipelineSummary:
+    """A run with nothing new to learn: completes with an `unchanged` artifact, having trained nothing."""
+    get_run_logger().info("%s: nothing to train (force: true trains anyway)", why)
+    create_markdown_artifact(key="unchanged", markdown=markdown, description=f"Unchanged since version {version}")
+    return PipelineSummary(
+        **_summary_of_inputs(config, run_name, start, data, inputs), unchanged_since=version,
+        model_version=version, model_uri=f"models:/{config.registry.registered_model_name}/{version}",
+        decision=f"skipped: {why}",
+    )
+
+
 @flow(name="alignment-pipeline", flow_run_name=_flow_run_name, log_prints=False)
-def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: str | None = None) -> PipelineSummary:
-    """Prepare data, ORPO-train, register in MLflow, evaluate, and promote the model if it beats the champion."""
+def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: str | None = None,
+                       force: bool = False) -> PipelineSummary:
+    """Prepare data, ORPO-train, register in MLflow, evaluate, and promote the model if it beats the champion.
+
+    When a registered version was already trained from the same inputs (data, config, start model, code),
+    nothing is trained: the run completes with an "unchanged" artifact, unless `force` is true.
+    """
     config = effective_config(config, config_path)
     logger = get_run_logger()
     run_name = run_name_for(config)
     workdir = Path(config.workdir)
 
-    data = prepare_data(config)
-    start_spec = start_model(config)
-    train_config = config.model_copy(update={"model": config.model.model_copy(update={"name_or_path": start_spec})})
+    start = resolve_start_model(config)
+    seen = shards_seen_by(config, start)
+    if seen.version is not None and not seen.new and not force:
+        return _skipped(config, run_name, start, seen.version, _no_new_shards_markdown(seen, config),
+                        f"no new shard since version {seen.version}")
+    data = prepare_data(config, seen.seen if seen.new else None)
+    inputs = identify_run(config, data.fingerprint, start)
+    same = find_unchanged(config, inputs)
+    if same is not None and not force:
+        return _skipped(config, run_name, start, same, _unchanged_markdown(same, inputs, config),
+                        f"inputs unchanged since version {same}", data=data, inputs=inputs)
+    if same is not None:
+        logger.info("inputs unchanged since version %s, but the run is forced", same)
+    summary = _summary_of_inputs(config, run_name, start, data, inputs)
+
     train_dir = train_dir_for(config)
-    trained = train_model(train_config, data.dataset_dir, train_dir)
-    version = register_model(config, trained.output_dir, data.manifest_path)
+    trained = train_model(training_config(config, start), data.dataset_dir, train_dir)
+    version = register_model(config, trained.output_dir, data.manifest_path, inputs)
     logger.info("registered %s as version %s", version.model_uri, version.version)
 
-    base_path = resolve_model_path(config, start_spec)
+    # The start model is scored once, by its own (cached) evaluation: not again inside the model's.
     evaluation = evaluate(config, str(trained.model_dir), workdir / "reports" / run_name, data.dataset_dir,
-                          base_path, label="model")
+                          None, label="model")
+    metrics = dict(evaluation.metrics)
     base_metrics: dict[str, float] = {}
     if config.orchestration.evaluate_base_model:
-        base_eval = evaluate_base(config, base_path, workdir / "reports" / f"base-{_slug(start_spec)}",
-                                  data.dataset_dir, None, label="base")
-        base_metrics = base_eval.metrics
-    log_evaluation(config, version, evaluation.metrics, evaluation.report_dir)
+        base_metrics = _evaluate_start_model(config, start, data.dataset_dir)
+        metrics.update({f"preference/base_{name}": base_metrics[f"preference/{name}"]
+                        for name in ("accuracy", "margin") if f"preference/{name}" in base_metrics})
+    log_evaluation(config, version, metrics, evaluation.report_dir)
     decision = gate_and_promote(config, version)
 
     return PipelineSummary(
-        run_name=run_name,
-        dataset_dir=str(data.dataset_dir),
-        data_fingerprint=data.fingerprint,
-        data_counts=data.counts,
+        **summary,
         train_dir=str(trained.output_dir),
         model_dir=str(trained.model_dir),
         global_step=trained.global_step,
         train_metrics={k: float(v) for k, v in trained.final_metrics.items() if isinstance(v, (int, float))},
-        model_name=version.name,
         model_version=version.version,
         model_uri=version.model_uri,
         mlflow_run_id=version.run_id,
-        tracking_uri=config.resolved_tracking_uri(),
-        metrics=evaluation.metrics,
+        metrics=metrics,
         base_metrics=base_metrics,
         report_dir=str(evaluation.report_dir),
         promoted=decision.promoted,

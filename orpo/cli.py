@@ -238,6 +238,9 @@ def _prepare(cfg):
 def run_command(
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+    force: bool = typer.Option(
+        False, "--force", help="Train even when a registered version already has the same inputs."
+    ),
 ) -> None:
     """Run the whole pipeline once as a Prefect flow: prepare -> train -> register -> evaluate -> promote."""
     cfg = _load(config, overrides)
@@ -246,7 +249,11 @@ def run_command(
 
     if not _debug():
         _brief_flow_logs()
-    summary = alignment_pipeline(config=cfg)
+    summary = alignment_pipeline(config=cfg, force=force)
+    if summary.unchanged_since is not None:
+        console.print(f"unchanged since version {summary.unchanged_since} ({summary.model_uri}): same data, "
+                      "config, start model and code; nothing trained. `orpo run --force` trains anyway.")
+        return
     _print_summary(summary, ui_command="orpo ui" + (f" --config {config}" if config else ""))
 
 

@@ -39,9 +39,14 @@ class DataConfig(_Section):
 
     source: str = Field(
         "data/samples/ultrafeedback_sample.jsonl",
-        description="Raw data: a local file (.jsonl/.json/.parquet), a directory of such files, or a hub id "
-        "(openbmb/UltraFeedback, HuggingFaceH4/ultrafeedback_binarized, "
-        "argilla/ultrafeedback-binarized-preferences-cleaned).",
+        description="Raw data: a local file (.jsonl/.json/.parquet), a directory or a glob of such files "
+        "(shards, e.g. one file per day: drops/*.jsonl), or a hub id (openbmb/UltraFeedback, "
+        "HuggingFaceH4/ultrafeedback_binarized, argilla/ultrafeedback-binarized-preferences-cleaned).",
+    )
+    incremental: bool = Field(
+        False,
+        description="With a directory or glob source and orchestration.start_from: champion, train only on "
+        "shards the champion's data has not seen (default: all shards, the union).",
     )
     source_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `source`.")
     recipe: Literal["h4", "argilla", "max-min"] = Field("argilla", description="How chosen/rejected are picked.")
@@ -296,6 +301,15 @@ class PipelineConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="after")
+    def _incremental_needs_champion(self) -> PipelineConfig:
+        if self.data.incremental and self.orchestration.start_from != "champion":
+            raise ValueError(
+                "data.incremental: true trains only on shards the champion has not seen, so it needs "
+                "orchestration.start_from: champion (or set data.incremental: false to train on all shards)"
+            )
+        return self
 
     @field_validator("workdir")
     @classmethod

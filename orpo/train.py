@@ -73,52 +73,7 @@ _CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainResult:
-    """Where a finished training run put things. `model_dir` is complete once it holds export_complete.json."""
-
-    output_dir: Path
-    model_dir: Path  # LoRA adapter + tokenizer, or the full model; safetensors, orpo_config.yaml, metrics.json
-    merged_dir: Path | None  # the adapter merged into its base (train.lora.merge_on_export)
-    metrics_path: Path  # one JSON object per logged step (train metrics, and eval_ metrics)
-    final_metrics: dict[str, float]
-    base_model: str  # the model spec trained from (config.model.name_or_path)
-    base_model_path: str  # the resolved local directory or hub id (what an adapter applies to)
-    is_lora: bool
-    global_step: int
-    dataset_dir: Path
-    mlflow_run_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "output_dir": str(self.output_dir),
-            "model_dir": str(self.model_dir),
-            "merged_dir": str(self.merged_dir) if self.merged_dir else None,
-            "metrics_path": str(self.metrics_path),
-            "final_metrics": dict(self.final_metrics),
-            "base_model": self.base_model,
-            "base_model_path": self.base_model_path,
-            "is_lora": self.is_lora,
-            "global_step": self.global_step,
-            "dataset_dir": str(self.dataset_dir),
-            "mlflow_run_id": self.mlflow_run_id,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainResult:
-        return cls(
-            output_dir=Path(data["output_dir"]),
-            model_dir=Path(data["model_dir"]),
-            merged_dir=Path(data["merged_dir"]) if data.get("merged_dir") else None,
-            metrics_path=Path(data["metrics_path"]),
-            final_metrics={k: float(v) for k, v in data["final_metrics"].items()},
-            base_model=data["base_model"],
-            base_model_path=data["base_model_path"],
-            is_lora=bool(data["is_lora"]),
-            global_step=int(data["global_step"]),
-            dataset_dir=Path(data["dataset_dir"]),
-            mlflow_run_id=data.get("mlflow_run_id"),
-        )
+from orpo.handoffs import TrainResult, write_train_result  # noqa: E402,F401 - re-exported for callers
 
 
 def default_output_dir(config: PipelineConfig, now: datetime | None = None) -> Path:
@@ -913,7 +868,7 @@ class ORPORecipe:
             mlflow_run_id=self.sink.mlflow_run_id,
         )
         if acc.is_main_process:
-            (self.output_dir / TRAIN_RESULT).write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
+            write_train_result(result)
             log.info("exported %s", model_dir)
         acc.wait_for_everyone()
         return result

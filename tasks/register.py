@@ -1,4 +1,5 @@
-"""Prefect tasks: register the trained model in MLflow, and attach evaluation results to its version."""
+"""Prefect tasks: register the trained model in MLflow, attach evaluation results, and find a version
+already trained from the same inputs."""
 
 from __future__ import annotations
 
@@ -9,13 +10,22 @@ from prefect import task
 from orpo import registry
 from orpo.config import PipelineConfig
 from orpo.registry import RegisteredVersion
+from orpo.run_identity import RunInputs
 from tasks.common import retry_on_transient
 
 
+@task(name="find-unchanged-version", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)
+def find_unchanged(config: PipelineConfig, inputs: RunInputs) -> str | None:
+    """The version number already trained from exactly these inputs, or None."""
+    found = registry.find_version_with_inputs(config, inputs)
+    return str(found.version) if found is not None else None
+
+
 @task(name="register-model", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)
-def register_model(config: PipelineConfig, train_dir: Path, data_manifest: Path | None) -> RegisteredVersion:
+def register_model(config: PipelineConfig, train_dir: Path, data_manifest: Path | None,
+                   inputs: RunInputs | None = None) -> RegisteredVersion:
     """Log the training run and register its export as a new version (alias `challenger`). Idempotent."""
-    return registry.register_training_run(config, train_dir, data_manifest=data_manifest)
+    return registry.register_training_run(config, train_dir, data_manifest=data_manifest, run_inputs=inputs)
 
 
 @task(name="log-evaluation", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)

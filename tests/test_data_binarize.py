@@ -18,6 +18,7 @@ from orpo.data import (
     prepare_dataset,
 )
 from orpo.data import binarize as binarize_module
+from orpo.data import pool as pool_module
 from orpo.data.ultrafeedback import DROP_REASONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -338,7 +339,7 @@ def test_worker_processes_give_identical_output(tmp_path, monkeypatch):
     single = prepare_dataset(cfg, tmp_path / "single", progress=False, workers=1)
     # Force the worker path on a small file, with chunks of a few records.
     monkeypatch.setattr(binarize_module, "PARALLEL_MIN_BYTES", 1)
-    monkeypatch.setattr(binarize_module, "PARALLEL_CHUNK_BYTES", 50_000)
+    monkeypatch.setattr(pool_module, "PARALLEL_CHUNK_BYTES", 50_000)
     parallel = prepare_dataset(cfg, tmp_path / "parallel", progress=False, workers=2)
     assert tree_bytes(single.dataset_dir) == tree_bytes(parallel.dataset_dir)
     broken = sample_records()

@@ -8,42 +8,135 @@ from pathlib import Path
 import pytest
 
 from orpo.config import load_config
+from orpo.handoffs import read_manifest
 from tests.conftest import tiny_pipeline_overrides
+from tests.test_data_shards import write_shards
+
+
+def _artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def _nightly_config(tmp_path, source, *extra):
+    """The tiny pipeline, in-process, evaluated with the preference suite only (seconds, not minutes)."""
+    return load_config(None, tiny_pipeline_overrides(
+        tmp_path, "orchestration.launch_with_accelerate=false", f"data.source={source}", "eval.suites=[preference]",
+        f"model.cache_dir={tmp_path / 'models'}", *extra))
 
 
 @pytest.mark.slow
-def test_alignment_pipeline_runs_end_to_end_and_reuses_the_dataset(prefect_harness, tmp_path, monkeypatch):
+def test_three_nights_train_skip_and_train_on_the_new_shard(prefect_harness, tmp_path, monkeypatch):
+    """Night 1 trains and registers version 1 (champion); night 2 with nothing new is skipped; night 3 with a
+    new shard trains on more pairs and registers version 2. A forced run on unchanged inputs still trains."""
     import mlflow
 
     from flows.pipeline import alignment_pipeline
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = load_config(None, tiny_pipeline_overrides(tmp_path, "orchestration.launch_with_accelerate=false"))
-    summary = alignment_pipeline(config=config)
+    drops = tmp_path / "drops"
+    write_shards(drops, 60, 60)
+    config = _nightly_config(tmp_path / "work", drops)
 
-    assert summary.global_step == 3
-    assert Path(summary.model_dir, "export_complete.json").is_file()
-    assert summary.model_version == "1"
-    assert summary.promoted  # no champion yet: the first passing version becomes champion
-    assert "preference/accuracy" in summary.metrics and "preference/accuracy" in summary.base_metrics
-    assert 0.0 <= summary.metrics["preference/accuracy"] <= 1.0
-    manifest = json.loads(Path(summary.dataset_dir, "manifest.json").read_text())
-    assert manifest["fingerprint"] == summary.data_fingerprint
+    night1 = alignment_pipeline(config=config)
+    assert (night1.model_version, night1.unchanged_since, night1.promoted) == ("1", None, True)
+    assert night1.global_step == 3 and Path(night1.model_dir, "export_complete.json").is_file()
+    assert "preference/accuracy" in night1.metrics and "preference/accuracy" in night1.base_metrics
+    # The base model is scored once, by its own evaluation; its numbers are copied, not recomputed.
+    assert night1.metrics["preference/base_accuracy"] == night1.base_metrics["preference/accuracy"]
+    manifest = read_manifest(night1.dataset_dir)
+    assert manifest.fingerprint == night1.data_fingerprint and [s.records for s in manifest.shards] == [60, 60]
 
-    client = mlflow.MlflowClient(tracking_uri=summary.tracking_uri, registry_uri=summary.tracking_uri)
-    version = client.get_model_version_by_alias("tiny-orpo", "champion")
-    assert str(version.version) == summary.model_version
-    run = client.get_run(version.run_id)
-    assert "preference/accuracy" in run.data.metrics
-    assert any(key.startswith("loss") or key == "loss" for key in run.data.metrics)
+    client = mlflow.MlflowClient(tracking_uri=night1.tracking_uri, registry_uri=night1.tracking_uri)
+    version1 = client.get_model_version("tiny-orpo", "1")
+    assert version1.tags["run_inputs"] == night1.run_inputs_key
+    assert version1.tags["run_inputs.start_model"] == "builtin:tiny-llama"
+    assert str(client.get_model_version_by_alias("tiny-orpo", "champion").version) == "1"
 
-    # A second nightly run on unchanged data reuses the prepared dataset and registers version 2.
-    stamp = Path(summary.dataset_dir, "manifest.json").stat().st_mtime_ns
-    second = alignment_pipeline(config=config)
-    assert second.dataset_dir == summary.dataset_dir
-    assert Path(second.dataset_dir, "manifest.json").stat().st_mtime_ns == stamp
-    assert second.model_version == "2"
-    assert second.run_name != summary.run_name
+    night2 = alignment_pipeline(config=config)
+    assert night2.unchanged_since == "1" and night2.model_version == "1" and night2.train_dir == ""
+    assert night2.run_inputs_key == night1.run_inputs_key
+    assert len(client.search_model_versions("name = 'tiny-orpo'")) == 1
+    assert not (tmp_path / "work" / "train" / night2.run_name).exists()
+    unchanged = _artifacts("unchanged")
+    assert unchanged and "Unchanged since version 1" in unchanged[0].data and "force" in unchanged[0].data
+
+    base_report = tmp_path / "work" / "reports" / "base-builtin-tiny-llama" / "report.json"
+    stamp = base_report.stat().st_mtime_ns
+    forced = alignment_pipeline(config=config, force=True)
+    assert forced.model_version == "2" and forced.run_inputs_key == night1.run_inputs_key
+    assert str(client.get_model_version_by_alias("tiny-orpo", "champion").version) in ("1", "2")
+    # Same base model, eval settings and data: the base evaluation of night 1 is reused, not recomputed.
+    assert base_report.stat().st_mtime_ns == stamp and forced.base_metrics == night1.base_metrics
+
+    write_shards(drops, 60, 60, 40)  # the third day's drop
+    night3 = alignment_pipeline(config=config)
+    assert night3.model_version == "3" and night3.unchanged_since is None
+    assert night3.data_counts["pairs"] > night1.data_counts["pairs"]
+    assert night3.data_counts["records_in"] == 160
+    assert client.get_model_version("tiny-orpo", "3").tags["data_fingerprint"] == night3.data_fingerprint
+    assert base_report.stat().st_mtime_ns != stamp  # new test data: the base model is scored again
+
+
+@pytest.mark.slow
+def test_start_from_champion_pins_the_version_downloads_once_and_leaves_no_temporary_directory(
+    prefect_harness, tmp_path, monkeypatch
+):
+    import tempfile
+
+    import mlflow
+
+    from flows.pipeline import alignment_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    drops = tmp_path / "drops"
+    write_shards(drops, 60, 60)
+    config = _nightly_config(tmp_path / "work", drops, "orchestration.start_from=champion")
+    night1 = alignment_pipeline(config=config)  # no champion yet: trains from the base model
+    assert night1.model_version == "1" and night1.start_model == "builtin:tiny-llama"
+
+    downloads = []
+    real_download = mlflow.artifacts.download_artifacts
+
+    def counting(*args, **kwargs):
+        uri = kwargs.get("artifact_uri") or (args[0] if args else None)
+        if uri and str(uri).startswith("models:/"):
+            downloads.append(uri)
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counting)
+    temp_before = set(Path(tempfile.gettempdir()).iterdir())
+    night2 = alignment_pipeline(config=config)
+
+    assert night2.start_model == "models:/tiny-orpo/1" and night2.model_version == "2"
+    assert downloads == ["models:/tiny-orpo/1"]  # resolved once; training and evaluation use the cache
+    client = mlflow.MlflowClient(tracking_uri=night2.tracking_uri, registry_uri=night2.tracking_uri)
+    tags = client.get_model_version("tiny-orpo", "2").tags
+    assert tags["base_model"] == "models:/tiny-orpo/1" and tags["run_inputs.start_model"] == "models:/tiny-orpo/1"
+    trained_from = load_config(Path(night2.model_dir) / "orpo_config.yaml").model.name_or_path
+    assert trained_from == "models:/tiny-orpo/1"
+    # The adapter continued from version 1 names the base it applies to portably, never a cache path.
+    adapter = json.loads((Path(night2.model_dir) / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "builtin:tiny-llama"
+
+    cache = tmp_path / "work" / "models"
+    assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in set(Path(tempfile.gettempdir()).iterdir()) - temp_before if "mlflow" in p.name]
+    assert len(list((cache / "mlflow").rglob(".orpo-source"))) == 1
+
+    # data.incremental: only shards the champion's data has not seen; none new -> nothing to do.
+    incremental = config.model_copy(update={"data": config.data.model_copy(update={"incremental": True})})
+    quiet = alignment_pipeline(config=incremental)
+    assert quiet.unchanged_since is not None and quiet.train_dir == ""
+    assert "no new shard" in quiet.decision
+    write_shards(drops, 60, 60, 40)
+    night4 = alignment_pipeline(config=incremental)
+    assert night4.data_counts["records_in"] == 40  # the new shard alone
+    excluded = read_manifest(night4.dataset_dir).model_extra["excluded_shards"]
+    assert [s["name"] for s in excluded] == ["2026-11-01.jsonl", "2026-11-02.jsonl"]
 
 
 def test_flow_parameters_are_the_config_model():
@@ -67,3 +160,25 @@ def test_bad_parameters_fail_before_any_work(tmp_path):
 
     with pytest.raises(ConfigError, match="train.learning_rate"):
         effective_config({"train": {"learning_rate": -1}}, None)
+
+
+def test_orpo_run_passes_force_and_reports_an_unchanged_run(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import flows.pipeline
+    from flows.pipeline import PipelineSummary
+    from orpo.cli import app
+
+    calls = []
+
+    def fake_pipeline(config, force=False):
+        calls.append(force)
+        return PipelineSummary(run_name="r", dataset_dir="", data_fingerprint="", data_counts={},
+                               unchanged_since="4", model_uri="models:/tiny-orpo/4", decision="skipped")
+
+    monkeypatch.setattr(flows.pipeline, "alignment_pipeline", fake_pipeline)
+    result = CliRunner().invoke(app, ["run", f"workdir={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    assert "unchanged since version 4" in result.output and "--force" in result.output
+    CliRunner().invoke(app, ["run", "--force", f"workdir={tmp_path}"])
+    assert calls == [False, True]

@@ -61,7 +61,7 @@ def test_versions_are_new_and_challenger_moves_to_the_newest(store):
 
 def test_version_tags_and_description_carry_the_lineage(store):
     client = _client(store["config"])
-    trained = load_config(store["lora_dir"] / "final" / "orpo_config.yaml")
+    trained = load_config(store["lora_dir"] / "model" / "orpo_config.yaml")
     version = client.get_model_version("orpo-model", store["lora"].version)
     tags = version.tags
     assert tags["base_model"] == "builtin:tiny-llama"
@@ -149,11 +149,11 @@ def test_registration_key_changes_with_the_model_files(store, tmp_path):
     key = read_train_export(store["full_dir"]).key
     assert read_train_export(copy).key == key  # same result file and model bytes: same export
     result = json.loads((copy / "train_result.json").read_text())
-    result["model_dir"] = str(copy / "final")
+    result["global_step"] += 1
     (copy / "train_result.json").write_text(json.dumps(result))
     changed = read_train_export(copy).key
     assert changed != key  # train_result.json is part of the key
-    weights = copy / "final" / "model.safetensors"
+    weights = copy / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -185,6 +185,10 @@ def test_lora_version_resolves_through_the_model_resolver(store, tmp_path):
     configure_mlflow(store["config"])
     resolved = resolve_model(f"models:/orpo-model/{store['lora'].version}", cache_dir=tmp_path / "models")
     assert (Path(resolved.path) / "adapter_config.json").is_file()
+    # The base is named portably (the export named the local cache it was trained from), so the version
+    # loads on any machine that reaches the registry.
+    adapter = json.loads((Path(resolved.path) / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "builtin:tiny-llama"
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name_or_path="unused"), path=resolved.path)
     assert type(model).__name__ == "PeftModel"
     assert tokenizer("hello")["input_ids"]
@@ -273,3 +277,39 @@ def test_lora_with_merged_model_logs_both_and_registers_the_adapter(store, tmp_p
     merged = mlflow.transformers.load_model(f"models:/{logged['merged_model'].model_id}")
     assert type(merged.model).__name__ == "LlamaForCausalLM"  # weights merged, no adapter left
     assert merged("Water boils", max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith("Water boils")
+
+
+def test_a_copy_without_the_marker_is_refused_and_a_moved_directory_registers(store, tmp_path):
+    """Issue 17 item 5: train_result.json paths are relative; the marker checked is the given directory's."""
+    import shutil
+
+    original = make_train_dir(store["root"], lora=False, base_dir=store["base_dir"], seed=11)
+    client = _client(store["config"])
+    versions_before = len(client.search_model_versions("name = 'orpo-model'"))
+
+    copy = tmp_path / "copy-without-marker"
+    shutil.copytree(original, copy)
+    (copy / "model" / "export_complete.json").unlink()
+    with pytest.raises(RegistrationError, match="export_complete.json"):
+        register_training_run(store["config"], copy)
+    assert len(client.search_model_versions("name = 'orpo-model'")) == versions_before
+
+    moved = tmp_path / "moved"
+    shutil.move(original, moved)
+    export = read_train_export(moved)
+    assert export.model_dir == moved / "model" and export.metrics_path == moved / "metrics.jsonl"
+    version = register_training_run(store["config"], moved)
+    assert version.created and int(version.version) == versions_before + 1
+    assert client.get_model_version("orpo-model", version.version).tags["train_dir"] == str(moved.resolve())
+
+
+def test_legacy_absolute_paths_follow_the_directory(tmp_path):
+    """A train_result.json written with absolute paths (before they were relative) still reads its own files."""
+    from orpo.handoffs import read_train_result
+
+    written = {"output_dir": "/elsewhere/run", "model_dir": "/elsewhere/run/model",
+               "metrics_path": "/elsewhere/run/metrics.jsonl", "dataset_dir": "/data/x", "is_lora": False}
+    (tmp_path / "train_result.json").write_text(json.dumps(written))
+    result = read_train_result(tmp_path)
+    assert result.model_dir == tmp_path / "model" and result.metrics_path == tmp_path / "metrics.jsonl"
+    assert result.dataset_dir == Path("/data/x")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from orpo.config import PipelineConfig, dump_config
+from orpo.handoffs import EXPORT_MARKER, DataManifest, TrainResult, write_manifest, write_train_result
 
 
 def fake_metrics_rows(steps: int = 6, seed: int = 0) -> list[dict]:
@@ -55,7 +56,7 @@ def make_train_dir(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train_dir = root / (name or f"{'lora' if lora else 'full'}-{seed}")
-    model_dir = train_dir / "final"
+    model_dir = train_dir / "model"
     model_dir.mkdir(parents=True)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     torch.manual_seed(seed)
@@ -87,26 +88,22 @@ def make_train_dir(
 
     dataset_dir = root / f"dataset-{seed}"
     dataset_dir.mkdir(exist_ok=True)
-    (dataset_dir / "manifest.json").write_text(
-        json.dumps({"fingerprint": f"fp{seed:04d}abcdef", "input_fingerprints": {"sample.jsonl": "in123"},
-                    "recipe": "argilla"})
-    )
-    result = {
-        "output_dir": str(train_dir),
-        "model_dir": str(model_dir),
-        "merged_dir": None,
-        "metrics_path": str(metrics_path),
-        "final_metrics": {k: v for k, v in rows[-1].items() if k != "note"},
-        "base_model": "builtin:tiny-llama",
-        "base_model_path": str(base_dir),
-        "is_lora": lora,
-        "global_step": len(rows),
-        "dataset_dir": str(dataset_dir),
-        "mlflow_run_id": None,
-    }
-    (train_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+    write_manifest(DataManifest(fingerprint=f"fp{seed:04d}abcdef", recipe="argilla",
+                                input_fingerprints={"sample.jsonl": "in123"}), dataset_dir)
+    write_train_result(TrainResult(
+        output_dir=train_dir,
+        model_dir=model_dir,
+        merged_dir=None,
+        metrics_path=metrics_path,
+        final_metrics={k: v for k, v in rows[-1].items() if k != "note"},
+        base_model="builtin:tiny-llama",
+        base_model_path=str(base_dir),
+        is_lora=lora,
+        global_step=len(rows),
+        dataset_dir=dataset_dir,
+    ))
     if complete:
-        (model_dir / "export_complete.json").write_text(json.dumps({"files": sorted(os.listdir(model_dir))}))
+        (model_dir / EXPORT_MARKER).write_text(json.dumps({"files": sorted(os.listdir(model_dir))}))
     return train_dir
 
 

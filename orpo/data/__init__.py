@@ -2,6 +2,13 @@
 
 `prepare_dataset` is the one entry point the CLI (`orpo data binarize`) and the Prefect task share.
 Importing this package is cheap: datasets/pyarrow/transformers load only when a dataset is built.
+
+    readers.py       sources (a file, a directory or glob of shards, a hub dataset) -> raw records; shard hashes
+    ultrafeedback.py the raw schema and the recipes (record -> pair or drop reason)
+    decontaminate.py truthful_qa and evaluation-prompt overlap
+    pool.py          worker processes for large JSONL files
+    binarize.py      the pass: length limit, dedupe, split, Arrow writers, atomic replace
+    manifest.py      manifest.json: shards, counts, drop reasons, fingerprint
 """
 
 from orpo.data.binarize import (

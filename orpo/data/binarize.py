@@ -12,7 +12,9 @@ memory at a time, so 64k raw records (about 1 GB of JSON) never sit in memory as
 Every input record lands in exactly one place: the train split, the test split, or one drop reason of the
 manifest (`orpo.data.ultrafeedback.DROP_REASONS`); `prepare_dataset` checks that the counts add up.
 The same input, recipe, options and seed give byte-identical files and the same fingerprint. The output is
-built in a temporary sibling directory and renamed into place, so a crash never leaves half a dataset.
+built in a temporary sibling directory and renamed into place, so a crash never leaves half a dataset, and
+a source that yields no pair at all is an error naming the drop reasons (unless `allow_empty`).
+Reading (readers.py), the worker processes (pool.py) and the manifest (manifest.py) live next door.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,9 +40,30 @@ from orpo.data.decontaminate import (
     Decontaminator,
     load_eval_prompts,
 )
+from orpo.data.manifest import (
+    MANIFEST_NAME,
+    PreparedDataset,
+    build_manifest,
+    count_pairs,
+    empty_data_message,
+    load_prepared,
+    reusable,
+)
+from orpo.data.pool import WorkerPool, worker_count
+from orpo.data.readers import (
+    DataPreparationError,
+    RawItem,
+    Shard,
+    _file_sha256,
+    _total_bytes,
+    input_fingerprint,
+    is_hub_id,
+    iter_file,
+    iter_hub,
+    list_shards,
+)
 from orpo.data.ultrafeedback import (
     DECONTAMINATED,
-    DROP_REASONS,
     DUPLICATE,
     MALFORMED,
     TOO_LONG,
@@ -52,7 +75,7 @@ from orpo.data.ultrafeedback import (
     normalize_binarized,
     parse_record,
 )
-from orpo.errors import OrpoError
+from orpo.handoffs import write_manifest
 
 if TYPE_CHECKING:
     from orpo.config import DataConfig
@@ -61,107 +84,20 @@ log = logging.getLogger(__name__)
 
 # Bump when a change in this package changes the output for the same input and options.
 FORMAT_VERSION = "orpo-binarize-3"
-MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "test")
-FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 MAX_MALFORMED_EXAMPLES = 10
 MAX_DECONTAMINATION_EXAMPLES = 10
 WRITE_BATCH_ROWS = 1000
 # Local JSONL files this large are parsed by worker processes, in chunks of this size.
 PARALLEL_MIN_BYTES = 64 << 20
-PARALLEL_CHUNK_BYTES = 8 << 20
-MAX_AUTO_WORKERS = 4  # each worker holds ~170 MB; more rarely pays on this I/O-and-parse load
-
-# Hub datasets and the splits that hold their records (the binarized ones are re-split by our hash).
-HUB_SPLITS = {
-    "openbmb/UltraFeedback": ("train",),
-    "HuggingFaceH4/ultrafeedback_binarized": ("train_prefs", "test_prefs"),
-    "argilla/ultrafeedback-binarized-preferences-cleaned": ("train",),
-}
-
-
-class DataPreparationError(OrpoError, RuntimeError):
-    """Binarization cannot go on; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class PreparedDataset:
-    """A binarized dataset on disk."""
-
-    dataset_dir: Path  # DatasetDict saved with save_to_disk (splits train, test)
-    manifest_path: Path  # dataset_dir / "manifest.json"
-    fingerprint: str  # sha256 hex over the output pairs' content digests, train then test
-    input_fingerprint: str  # sha256 of the input file(s) content, or of hub id + revision
-    counts: dict[str, int]  # records_in, pairs, train, test, dropped (total)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Fingerprints and keys
 
 
-def is_hub_id(source: str) -> bool:
-    """A source that is not a local path and looks like owner/name."""
-    if Path(source).expanduser().exists():
-        return False
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith(FILE_SUFFIXES)
-
-
-def input_files(source: str) -> list[Path]:
-    """The local files a source names: the file itself, or the data files under a directory (sorted)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*")
-            if p.is_file() and p.name.endswith(FILE_SUFFIXES) and not p.name.startswith(".") and p.name != MANIFEST_NAME
-        )
-        if not files:
-            raise DataPreparationError(f"{path} holds no {', '.join(FILE_SUFFIXES)} files")
-        return files
-    raise DataPreparationError(
-        f"data source {source!r} is neither an existing file or directory nor a hub id (owner/name)"
-    )
-
-
-def _hub_revision(source: str, revision: str | None) -> str:
-    """The commit a hub revision points at, when the hub can be asked; else the revision as given."""
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(source, revision=revision).sha or (revision or "main")
-    except Exception as exc:  # noqa: BLE001 - offline or unknown: the id and revision still identify it
-        log.warning("could not resolve %s@%s on the hub (%s); fingerprinting the name", source, revision, exc)
-        return revision or "main"
-
-
-def input_fingerprint(cfg: DataConfig) -> str:
-    """sha256 of the input's bytes (file names too, for a directory), or of hub id + resolved revision."""
-    digest = hashlib.sha256()
-    if is_hub_id(cfg.source):
-        digest.update(f"hub\x00{cfg.source}\x00{_hub_revision(cfg.source, cfg.source_revision)}".encode())
-        return digest.hexdigest()
-    root = Path(cfg.source).expanduser()
-    for path in input_files(cfg.source):
-        name = path.relative_to(root).as_posix() if root.is_dir() else ""
-        digest.update(f"file\x00{name}\x00{path.stat().st_size}\x00".encode())
-        digest.update(_file_sha256(path).encode())
-    return digest.hexdigest()
-
-
-def _file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    # readinto one reused buffer: a fresh multi-MB bytes object per read costs page faults, not just copies.
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
-    with Path(path).open("rb", buffering=0) as handle:
-        while size := handle.readinto(buffer):
-            digest.update(view[:size])
-    return digest.hexdigest()
-
-
 def _key_payload(cfg: DataConfig, input_fp: str) -> dict[str, Any]:
-    options = cfg.model_dump(mode="json", exclude={"source", "output_dir"})
+    # `incremental` selects shards; which shards were read is in the input fingerprint already.
+    options = cfg.model_dump(mode="json", exclude={"source", "output_dir", "incremental"})
     if cfg.decontaminate:
         for path in cfg.decontamination_files:
             if not Path(path).is_file():
@@ -173,205 +109,36 @@ def _key_payload(cfg: DataConfig, input_fp: str) -> dict[str, Any]:
     return {"format": FORMAT_VERSION, "input": input_fp, "options": options}
 
 
-def default_dataset_dir(cfg: DataConfig, workdir: str | Path) -> Path:
+def default_dataset_dir(cfg: DataConfig, workdir: str | Path, exclude_shards: Iterable[str] = ()) -> Path:
     """Where a config's dataset lives: `data.output_dir`, else `<workdir>/data/<dataset_key>`."""
-    return Path(cfg.output_dir) if cfg.output_dir else Path(workdir) / "data" / dataset_key(cfg)
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    return Path(workdir) / "data" / dataset_key(cfg, exclude_shards=exclude_shards)
 
 
-def dataset_key(cfg: DataConfig, *, input_fp: str | None = None) -> str:
+def dataset_key(cfg: DataConfig, *, input_fp: str | None = None, exclude_shards: Iterable[str] = ()) -> str:
     """Hash of (input fingerprint, recipe, every option, seed, evaluation files): the dataset's directory name.
 
     The source path itself and the output directory are left out: the same bytes under another name, or
-    written elsewhere, make the same dataset.
+    written elsewhere, make the same dataset. Shards left out (by content hash) are not part of the input.
     """
-    payload = _key_payload(cfg, input_fp or input_fingerprint(cfg))
+    if input_fp is None:
+        input_fp = input_fingerprint(cfg, select_shards(cfg, exclude_shards)[0] if not is_hub_id(cfg.source) else None)
+    payload = _key_payload(cfg, input_fp)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def select_shards(cfg: DataConfig, exclude_shards: Iterable[str] = ()) -> tuple[list[Shard], list[Shard]]:
+    """(the shards to read, the shards left out because their content hash is in `exclude_shards`)."""
+    if is_hub_id(cfg.source):
+        return [], []
+    excluded = set(exclude_shards)
+    shards = list_shards(cfg.source)
+    return [s for s in shards if s.sha256 not in excluded], [s for s in shards if s.sha256 in excluded]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reading
-
-
-@dataclass(frozen=True, slots=True)
-class RawItem:
-    """One input record, or the reason it could not be parsed, with where it came from."""
-
-    location: str
-    line: int  # 1-based line in a text file (relative to the chunk in worker processes); 0 when not a line
-    data: Any
-    error: tuple[str, str] | None  # (field, problem) when the record is not even valid JSON
-    nbytes: int
-
-
-def _json_loads():
-    try:
-        import orjson
-
-        return orjson.loads, (orjson.JSONDecodeError,)
-    except ImportError:  # the standard library is ~2x slower on 1 GB, but correct
-        return json.loads, (json.JSONDecodeError, UnicodeDecodeError)
-
-
-def iter_jsonl(path: Path, start: int = 0, end: int | None = None) -> Iterator[RawItem]:
-    """Records of a JSON Lines file (optionally gzip), or of the byte range [start, end) of one.
-
-    Line numbers count from `start` (so they are absolute when start is 0). Blank lines are not records.
-    """
-    import gzip
-
-    loads, errors = _json_loads()
-    handle = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb", buffering=1 << 20)  # noqa: SIM115
-    with handle:
-        if start:
-            handle.seek(start)
-        remaining = None if end is None else end - start
-        for line_number, line in enumerate(handle, 1):
-            if remaining is not None:
-                if remaining <= 0:
-                    break
-                remaining -= len(line)
-            if not line.strip():
-                continue
-            location = f"{path}:{line_number}"
-            try:
-                yield RawItem(location, line_number, loads(line), None, len(line))
-            except errors as exc:
-                yield RawItem(location, line_number, None, ("(json)", f"not valid JSON ({exc})"), len(line))
-
-
-def _count_lines(path: Path, start: int, end: int) -> int:
-    """Lines in a byte range that starts at a line start (a last line without newline counts too)."""
-    count = 0
-    last = b"\n"
-    buffer = bytearray(1 << 20)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        handle.seek(start)
-        remaining = end - start
-        while remaining > 0:
-            size = handle.readinto(view[: min(remaining, len(buffer))])
-            if not size:
-                break
-            count += buffer.count(b"\n", 0, size)
-            last = bytes(buffer[size - 1 : size])
-            remaining -= size
-    return count + (last != b"\n")
-
-
-def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[RawItem]:
-    """Stream the elements of a JSON array file without loading it whole; JSONL content is also accepted.
-
-    A syntax error inside an array cannot be skipped (the rest of the file has no reliable boundaries),
-    so it always raises, naming the line.
-    """
-    decoder = json.JSONDecoder()
-    with path.open("r", encoding="utf-8") as handle:
-        buffer = handle.read(chunk_chars)
-        eof = not buffer
-        pos = _skip_ws(buffer, 0)
-        if pos >= len(buffer) or buffer[pos] != "[":
-            yield from iter_jsonl(path)
-            return
-        pos += 1
-        line = 1 + buffer.count("\n", 0, pos)
-        index = 0
-        expect_value = True
-        while True:
-            start = pos
-            pos = _skip_ws(buffer, pos)
-            line += buffer.count("\n", start, pos)
-            if pos >= len(buffer) and not eof:
-                buffer, pos, eof = _refill(handle, buffer, pos, chunk_chars)
-                continue
-            if pos >= len(buffer):
-                raise MalformedRecordError(f"{path}:{line}", "(json)", "the JSON array is not closed with ]")
-            char = buffer[pos]
-            if char == "]" and (not expect_value or index == 0):
-                return
-            if not expect_value:
-                if char != ",":
-                    raise MalformedRecordError(f"{path}:{line}", "(json)", f"expected , or ] after element {index - 1}")
-                pos += 1
-                expect_value = True
-                continue
-            try:
-                obj, end = decoder.raw_decode(buffer, pos)
-                complete = end < len(buffer) or eof
-            except json.JSONDecodeError as exc:
-                if eof:
-                    raise MalformedRecordError(
-                        f"{path}:{line + buffer.count(chr(10), pos, exc.pos)}", "(json)",
-                        f"not valid JSON ({exc.msg}); a JSON array cannot be skipped past a syntax error, "
-                        "convert it to JSONL to skip bad lines",
-                    ) from None
-                complete = False
-            if not complete:
-                buffer, pos, eof = _refill(handle, buffer, pos, chunk_chars)
-                continue
-            yield RawItem(f"{path}:{line} [element {index}]", line, obj, None, end - pos)
-            line += buffer.count("\n", pos, end)
-            pos = end
-            index += 1
-            expect_value = False
-
-
-def _skip_ws(buffer: str, pos: int) -> int:
-    while pos < len(buffer) and buffer[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _refill(handle, buffer: str, pos: int, chunk_chars: int) -> tuple[str, int, bool]:
-    """Drop what was consumed and read more; a value longer than the buffer doubles the read."""
-    rest = buffer[pos:]
-    more = handle.read(max(chunk_chars, len(rest)))
-    return rest + more, 0, not more
-
-
-def iter_parquet(path: Path, batch_rows: int = 512) -> Iterator[RawItem]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    row = 0
-    for batch in parquet.iter_batches(batch_size=batch_rows):
-        for data in batch.to_pylist():
-            yield RawItem(f"{path} [row {row}]", 0, data, None, 0)
-            row += 1
-
-
-def iter_file(path: Path) -> Iterator[RawItem]:
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        return iter_jsonl(path)
-    if path.name.endswith(".json"):
-        return iter_json_array(path)
-    if path.name.endswith(".parquet"):
-        return iter_parquet(path)
-    raise DataPreparationError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
-
-
-def iter_hub(source: str, revision: str | None) -> Iterator[RawItem]:
-    """Stream a hub dataset's records (never materialized whole)."""
-    from datasets import load_dataset
-
-    for split in HUB_SPLITS.get(source, ("train",)):
-        try:
-            stream = load_dataset(source, split=split, revision=revision, streaming=True)
-        except Exception as exc:  # re-raised with what was tried
-            raise DataPreparationError(
-                f"data source {source!r} is not a local file or directory, and loading it as a hub dataset "
-                f"(split {split!r}) failed: {exc}"
-            ) from exc
-        for index, data in enumerate(stream):
-            yield RawItem(f"{source}@{revision or 'main'} [{split} {index}]", 0, data, None, 0)
-
-
-def _total_bytes(cfg: DataConfig) -> int | None:
-    if is_hub_id(cfg.source):
-        return None
-    files = input_files(cfg.source)
-    if any(not p.name.endswith((".jsonl", ".json")) for p in files):
-        return None  # compressed and parquet sizes do not match the decoded bytes we count
-    return sum(p.stat().st_size for p in files)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -623,195 +390,30 @@ class RecordProcessor:
         return outcome
 
 
-# --- worker processes for large JSONL files ---------------------------------------------------------
-
-_WORKER_PROCESSOR: RecordProcessor | None = None
-
-
-@dataclass(frozen=True)
-class _ChunkResult:
-    outcomes: list[Outcome]
-    lines: int
-    nbytes: int
-
-
-def _process_chunk(path: str, start: int, end: int) -> _ChunkResult:
-    assert _WORKER_PROCESSOR is not None
-    outcomes: list[Outcome] = []
-    batch: list[RawItem] = []
-    for item in iter_jsonl(Path(path), start, end):
-        batch.append(item)
-        if len(batch) >= WRITE_BATCH_ROWS:
-            outcomes += _WORKER_PROCESSOR.process(batch)
-            batch = []
-    outcomes += _WORKER_PROCESSOR.process(batch)
-    return _ChunkResult(outcomes, _count_lines(Path(path), start, end), end - start)
-
-
-def _line_aligned_ranges(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
-    size = path.stat().st_size
-    starts = [0]
-    with open(path, "rb") as handle:
-        while starts[-1] + chunk_bytes < size:
-            handle.seek(starts[-1] + chunk_bytes)
-            handle.readline()  # to the start of the next line
-            if handle.tell() >= size:
-                break
-            starts.append(handle.tell())
-    return list(zip(starts, starts[1:] + [size], strict=True))
-
-
-class _WorkerPool:
-    """Worker subprocesses (running `_worker_main`) that process chunks of large JSONL files.
-
-    Plain subprocesses talking pickles over pipes, not multiprocessing: they never re-import the caller's
-    __main__ (a script without a main guard would otherwise run again in every worker). Chunk i goes to
-    worker i % n and each worker answers in order, so results are read back in input order and the output
-    is byte-identical to the single-process pass.
-    """
-
-    IN_FLIGHT_PER_WORKER = 2
-
-    def __init__(self, processor: RecordProcessor, workers: int) -> None:
-        self.processor = processor
-        self.workers = workers
-        self._procs: list[Any] = []
-        self._idle = True  # every result sent for has been read
-
-    def _start(self) -> None:
-        import pickle
-        import subprocess
-
-        import orpo
-
-        env = dict(os.environ)
-        package_root = str(Path(orpo.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        for _ in range(self.workers):
-            self._procs.append(subprocess.Popen(
-                [sys.executable, "-c", "from orpo.data.binarize import _worker_main; _worker_main()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-            ))
-        # Start them all before sending: a send blocks until that worker has started and reads it.
-        for proc in self._procs:
-            pickle.dump(self.processor, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            proc.stdin.flush()
-
-    def outcomes(self, path: Path) -> Iterator[tuple[list[Outcome], int]]:
-        import pickle
-
-        if not self._procs:
-            self._start()
-        ranges = _line_aligned_ranges(path, PARALLEL_CHUNK_BYTES)
-        procs = self._procs
-
-        def send(index: int) -> None:
-            proc = procs[index % len(procs)]
-            pickle.dump((str(path), *ranges[index]), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            proc.stdin.flush()
-
-        self._idle = False
-        sent = min(len(ranges), self.IN_FLIGHT_PER_WORKER * len(procs))
-        for index in range(sent):
-            send(index)
-        base = 0
-        for index in range(len(ranges)):
-            proc = procs[index % len(procs)]
-            try:
-                status, payload = pickle.load(proc.stdout)
-            except EOFError:
-                raise DataPreparationError(
-                    f"a data worker process exited (code {proc.poll()}) while reading {path}; see its error "
-                    "above, or run in one process with ORPO_DATA_WORKERS=1"
-                ) from None
-            if status != "ok":
-                raise DataPreparationError(f"data worker failed on {path} bytes {ranges[index]}:\n{payload}")
-            if sent < len(ranges):
-                send(sent)
-                sent += 1
-            for outcome in payload.outcomes:
-                outcome.line += base
-                if outcome.reason:  # only drops are reported by location
-                    outcome.location = f"{path}:{outcome.line}"
-            base += payload.lines
-            yield payload.outcomes, payload.nbytes
-        self._idle = True
-
-    def close(self) -> None:
-        for proc in self._procs:
-            if self._idle:
-                proc.stdin.close()  # end of tasks: the worker exits
-            else:
-                proc.kill()  # it may be blocked writing a result nobody will read
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - a worker that does not exit is killed, never waited on forever
-                proc.kill()
-            for stream in (proc.stdin, proc.stdout):
-                if stream and not stream.closed:
-                    stream.close()
-        self._procs = []
-
-
-def _worker_main() -> None:
-    """Entry point of a worker process: a RecordProcessor, then (path, start, end) tasks, on stdin."""
-    import pickle
-    import traceback
-
-    global _WORKER_PROCESSOR
-    tasks = sys.stdin.buffer
-    results = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the result stream
-    _WORKER_PROCESSOR = pickle.load(tasks)
-    while True:
-        try:
-            path, start, end = pickle.load(tasks)
-        except EOFError:
-            return
-        try:
-            reply = ("ok", _process_chunk(path, start, end))
-        except Exception:  # noqa: BLE001 - reported to the parent, which raises it with the file and range
-            reply = ("error", traceback.format_exc())
-        pickle.dump(reply, results, protocol=pickle.HIGHEST_PROTOCOL)
-        results.flush()
-
-
-def _worker_count(requested: int | None) -> int:
-    if requested is not None:
-        return max(1, requested)
-    if os.environ.get("ORPO_DATA_WORKERS"):
-        return max(1, int(os.environ["ORPO_DATA_WORKERS"]))
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(cpus, MAX_AUTO_WORKERS)
-
-
 def _outcome_batches(
-    cfg: DataConfig, processor: RecordProcessor, pool: _WorkerPool | None
-) -> Iterator[tuple[list[Outcome], int]]:
-    """(outcomes, bytes read) in input order, from worker processes where a file is large enough."""
+    cfg: DataConfig, processor: RecordProcessor, pool: WorkerPool | None, shards: list[Shard]
+) -> Iterator[tuple[int, list[Outcome], int]]:
+    """(shard index, outcomes, bytes read) in input order, from worker processes where a file is large enough."""
     if is_hub_id(cfg.source):
         sources = [iter_hub(cfg.source, cfg.source_revision)]
     else:
         sources = []
-        for path in input_files(cfg.source):
-            parallel = pool is not None and path.name.endswith(".jsonl") and path.stat().st_size >= PARALLEL_MIN_BYTES
+        for shard in shards:
+            path = shard.path
+            parallel = pool is not None and path.name.endswith(".jsonl") and shard.size >= PARALLEL_MIN_BYTES
             sources.append(pool.outcomes(path) if parallel else iter_file(path))
-    for source in sources:
+    for index, source in enumerate(sources):
         batch: list[RawItem] = []
         for entry in source:
             if isinstance(entry, tuple):  # already processed by a worker
-                yield entry
+                yield (index, *entry)
                 continue
             batch.append(entry)
             if len(batch) >= WRITE_BATCH_ROWS:
-                yield processor.process(batch), sum(item.nbytes for item in batch)
+                yield index, processor.process(batch), sum(item.nbytes for item in batch)
                 batch = []
         if batch:
-            yield processor.process(batch), sum(item.nbytes for item in batch)
+            yield index, processor.process(batch), sum(item.nbytes for item in batch)
 
 
 @dataclass
@@ -824,6 +426,8 @@ class _Tally:
     non_numeric_ratings: int = 0
     non_numeric_overall_scores: int = 0
     prebinarized_records: int = 0
+    shard_records: Counter = field(default_factory=Counter)  # shard index -> records read
+    shard_pairs: Counter = field(default_factory=Counter)  # shard index -> pairs kept
 
 
 class _Binarizer:
@@ -839,17 +443,18 @@ class _Binarizer:
         self.seen: set[bytes] = set()
         schema = output_features().arrow_schema
         self.writers = {split: _SplitWriter(staging / f"{split}.arrow", schema) for split in SPLITS}
-        self._pending: list[Outcome] = []
+        self._pending: list[tuple[int, Outcome]] = []
 
-    def consume(self, outcomes: list[Outcome]) -> None:
+    def consume(self, outcomes: list[Outcome], shard: int = 0) -> None:
         tally = self.tally
+        tally.shard_records[shard] += len(outcomes)
         for outcome in outcomes:
             tally.records_in += 1
             tally.non_numeric_ratings += outcome.non_numeric_ratings
             tally.non_numeric_overall_scores += outcome.non_numeric_overall
             tally.prebinarized_records += outcome.prebinarized
             if outcome.pair is not None:
-                self._pending.append(outcome)
+                self._pending.append((shard, outcome))
                 continue
             if outcome.reason == MALFORMED:
                 if self.cfg.on_error == "fail":
@@ -872,9 +477,9 @@ class _Binarizer:
         """Length-filter, dedupe and split the pending pairs, length first: a too long first copy of a
         prompt does not block a later one that fits."""
         pending, self._pending = self._pending, []
-        pairs = [outcome.pair for outcome in pending]
+        pairs = [outcome.pair for _, outcome in pending]
         too_long = self.length_limit.too_long(pairs) if self.length_limit else [False] * len(pairs)
-        for outcome, pair, long in zip(pending, pairs, too_long, strict=True):
+        for (shard, outcome), pair, long in zip(pending, pairs, too_long, strict=True):
             if long:
                 self.tally.dropped[TOO_LONG] += 1
                 continue
@@ -885,6 +490,7 @@ class _Binarizer:
                 self.seen.add(outcome.dedupe_key)
             split = "test" if is_test(pair.prompt_id, self.cfg.test_size) else "train"
             self.writers[split].add(pair, outcome.digest)
+            self.tally.shard_pairs[shard] += 1
 
     def close(self) -> None:
         self.flush()
@@ -915,17 +521,18 @@ def _decontaminator(cfg: DataConfig) -> Decontaminator | None:
 
 
 def _run_pass(
-    cfg: DataConfig, staging: Path, length_limit: LengthLimit | None, progress: bool, workers: int | None
+    cfg: DataConfig, staging: Path, length_limit: LengthLimit | None, progress: bool, workers: int | None,
+    shards: list[Shard],
 ) -> _Binarizer:
     decontaminator = _decontaminator(cfg)
     processor = RecordProcessor(cfg.recipe, cfg.seed, cfg.fix_overall_score, decontaminator)
     binarizer = _Binarizer(cfg, staging, length_limit, decontaminator)
-    count = _worker_count(workers)
-    pool = _WorkerPool(processor, count) if count > 1 else None
-    bar = _progress_bar(_total_bytes(cfg), progress)
+    count = worker_count(workers)
+    pool = WorkerPool(processor, count) if count > 1 else None
+    bar = _progress_bar(_total_bytes(cfg, shards), progress)
     try:
-        for outcomes, nbytes in _outcome_batches(cfg, processor, pool):
-            binarizer.consume(outcomes)
+        for shard, outcomes, nbytes in _outcome_batches(cfg, processor, pool, shards):
+            binarizer.consume(outcomes, shard)
             bar.update(nbytes)
             bar.set_postfix(records=binarizer.tally.records_in, refresh=False)
         binarizer.close()
@@ -979,21 +586,6 @@ def _add_empty_shard(staged: Path, split_dir: Path) -> None:
     state_path.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def _versions(tokenizer: Any) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ["orpo-pipeline", "datasets", "pyarrow", "orjson"]
-    if tokenizer is not None:
-        names += ["transformers", "tokenizers"]
-    found = {"python": sys.version.split()[0]}
-    for name in names:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
 def _export(dataset_dir: Path, fmt: str) -> list[str]:
     """Also write each split as JSON Lines or Parquet under export/ (rows in dataset order)."""
     from datasets import load_from_disk
@@ -1015,82 +607,6 @@ def _export(dataset_dir: Path, fmt: str) -> list[str]:
     return written
 
 
-def _manifest(
-    cfg: DataConfig, key: str, input_fp: str, binarizer: _Binarizer, fingerprint: str, tokenizer: Any
-) -> dict[str, Any]:
-    tally = binarizer.tally
-    counts = {
-        "records_in": tally.records_in,
-        "pairs": sum(w.count for w in binarizer.writers.values()),
-        "train": binarizer.writers["train"].count,
-        "test": binarizer.writers["test"].count,
-        "dropped": sum(tally.dropped.values()),
-    }
-    if counts["train"] + counts["test"] + counts["dropped"] != counts["records_in"]:
-        raise DataPreparationError(f"internal error: counts do not add up: {counts}, {dict(tally.dropped)}")
-    decontamination = None
-    if cfg.decontaminate:
-        decontamination = {
-            "files": [{"path": p, "sha256": _file_sha256(p)} for p in cfg.decontamination_files],
-            "eval_prompts": binarizer.decontaminator.eval_prompt_count,
-            "ngram": cfg.decontamination_ngram,
-            "sources": sorted(binarizer.decontaminator.sources),
-            "by_rule": {rule: tally.decontaminated.get(rule, 0) for rule in ("source", "exact", "ngram")},
-            "examples": tally.decontamination_examples,
-        }
-    return {
-        "format": FORMAT_VERSION,
-        "dataset_key": key,
-        "source": cfg.source,
-        "source_revision": cfg.source_revision,
-        "input_fingerprint": input_fp,
-        "recipe": cfg.recipe,
-        "seed": cfg.seed,
-        "options": cfg.model_dump(mode="json", exclude={"output_dir"}),
-        "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
-        "counts": counts,
-        "dropped": {reason: tally.dropped.get(reason, 0) for reason in DROP_REASONS},
-        "malformed_examples": tally.malformed_examples,
-        "non_numeric_ratings": tally.non_numeric_ratings,
-        "non_numeric_overall_scores": tally.non_numeric_overall_scores,
-        "prebinarized_records": tally.prebinarized_records,
-        "decontamination": decontamination,
-        "fingerprint": fingerprint,
-        "versions": _versions(tokenizer),
-    }
-
-
-def load_prepared(dataset_dir: str | Path) -> PreparedDataset:
-    """Re-read a dataset directory written by prepare_dataset (its manifest; the data stays on disk)."""
-    dataset_dir = Path(dataset_dir)
-    manifest_path = dataset_dir / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise DataPreparationError(
-            f"{dataset_dir} is not a prepared dataset (no {MANIFEST_NAME}); run `orpo data binarize` first"
-        )
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    return PreparedDataset(
-        dataset_dir=dataset_dir,
-        manifest_path=manifest_path,
-        fingerprint=manifest["fingerprint"],
-        input_fingerprint=manifest["input_fingerprint"],
-        counts=dict(manifest["counts"]),
-    )
-
-
-def _reusable(out_dir: Path, key: str, tokenizer_id: str | None) -> PreparedDataset | None:
-    manifest_path = out_dir / MANIFEST_NAME
-    if not manifest_path.is_file():
-        return None
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if manifest.get("dataset_key") != key or manifest.get("tokenizer") != tokenizer_id:
-        return None
-    return load_prepared(out_dir)
-
-
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished build into place; an old dataset there is replaced, anything else is refused."""
     if out_dir.exists():
@@ -1108,7 +624,14 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 
 def prepare_dataset(
-    cfg: DataConfig, out_dir: str | Path, *, tokenizer: Any = None, progress: bool = True, workers: int | None = None
+    cfg: DataConfig,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    progress: bool = True,
+    workers: int | None = None,
+    allow_empty: bool = False,
+    exclude_shards: Iterable[str] = (),
 ) -> PreparedDataset:
     """Binarize `cfg.source` into `out_dir` (a DatasetDict + manifest.json), or reuse it if already there.
 
@@ -1116,18 +639,27 @@ def prepare_dataset(
     reused when `out_dir` holds a complete dataset with the same key (input fingerprint, options, seed,
     evaluation files) and tokenizer. `workers` processes parse local JSONL files of 64 MB and more
     (default: the CPUs available, at most 4, or $ORPO_DATA_WORKERS; 1 = all in this process); the
-    output does not depend on it.
+    output does not depend on it. Shards whose content hash is in `exclude_shards` are left out (listed
+    in the manifest as excluded). No pairs at all is an error naming the drop reasons, unless `allow_empty`;
+    on any error nothing is left behind.
     """
     out_dir = Path(out_dir)
-    input_fp = input_fingerprint(cfg)
+    shards, excluded = select_shards(cfg, exclude_shards)
+    if excluded and not shards:
+        raise DataPreparationError(
+            f"every shard of {cfg.source} ({len(excluded)}) was seen before; no new data to prepare"
+        )
+    input_fp = input_fingerprint(cfg, shards if not is_hub_id(cfg.source) else None)
     key = dataset_key(cfg, input_fp=input_fp)
     tokenizer = _resolve_tokenizer(cfg, tokenizer)
     tokenizer_id = tokenizer_identity(tokenizer) if tokenizer is not None else None
-    existing = _reusable(out_dir, key, tokenizer_id)
+    existing = reusable(out_dir, key, tokenizer_id)
     if existing is not None:
         log.info("reusing %s (same input and options, key %s)", out_dir, key)
         return existing
     length_limit = LengthLimit(tokenizer, cfg.max_prompt_tokens, cfg.max_length) if tokenizer is not None else None
+    # The directories this call creates, outermost last: a failed build removes them again (when empty).
+    created = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A uniquely named sibling (not mkdtemp: its 0700 mode would survive the rename) on the same filesystem.
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -1135,23 +667,32 @@ def prepare_dataset(
     try:
         staging = tmp / "_staging"
         staging.mkdir()
-        binarizer = _run_pass(cfg, staging, length_limit, progress, workers)
+        binarizer = _run_pass(cfg, staging, length_limit, progress, workers, shards)
+        counts = count_pairs(binarizer.tally, {split: w.count for split, w in binarizer.writers.items()})
+        if counts["pairs"] == 0 and not allow_empty:
+            raise DataPreparationError(empty_data_message(cfg.source, counts, dict(binarizer.tally.dropped)))
         fingerprint = binarizer.output_fingerprint()
         _save_dataset_dict(staging, tmp, fingerprint)
         shutil.rmtree(staging)
-        manifest = _manifest(cfg, key, input_fp, binarizer, fingerprint, tokenizer)
+        manifest = build_manifest(
+            cfg, format_version=FORMAT_VERSION, key=key, input_fp=input_fp, tally=binarizer.tally, counts=counts,
+            decontaminator=binarizer.decontaminator, fingerprint=fingerprint, tokenizer_id=tokenizer_id,
+            shards=shards, excluded=excluded,
+        )
         if cfg.export:
             manifest["exports"] = _export(tmp, cfg.export)
         # The manifest is written last: a directory with a manifest is a complete dataset.
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_manifest(manifest, tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created:
+            if any(directory.iterdir()):
+                break
+            directory.rmdir()
         raise
-    counts = manifest["counts"]
     log.info(
         "binarized %d records from %s with recipe %s: %d train, %d test, %d dropped -> %s",
         counts["records_in"], cfg.source, cfg.recipe, counts["train"], counts["test"], counts["dropped"], out_dir,
     )
     return load_prepared(out_dir)
-

@@ -85,13 +85,15 @@ def _summary(prepared, manifest: dict[str, Any]) -> Table:
     table.add_row("dropped (total)", str(counts["dropped"]))
     if manifest.get("non_numeric_ratings"):
         table.add_row("non-numeric ratings (ignored)", str(manifest["non_numeric_ratings"]), style="dim")
+    if len(manifest.get("shards") or []) > 1:
+        table.add_row("shards read", str(len(manifest["shards"])), style="dim")
     return table
 
 
 @app.command("binarize")
 def binarize(
     source: str | None = typer.Option(
-        None, "--source", "-s", help="JSONL/JSON/Parquet file, a directory of them, or a hub id."
+        None, "--source", "-s", help="JSONL/JSON/Parquet file, a directory or glob of them (shards), or a hub id."
     ),
     recipe: RecipeChoice | None = typer.Option(None, "--recipe", "-r", help="How chosen/rejected are picked."),
     out: Path | None = typer.Option(
@@ -118,6 +120,9 @@ def binarize(
     export: ExportChoice | None = typer.Option(None, "--export", help="Also export the splits as files."),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config whose data section to start from."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Write the dataset even when no pair is left (default: exit 1 with the reasons)."
+    ),
 ) -> None:
     """Binarize preference data into a DatasetDict (train/test) + manifest.json."""
     import json
@@ -144,7 +149,8 @@ def binarize(
         },
     )
     target = Path(cfg.output_dir) if cfg.output_dir else workdir / "data" / dataset_key(cfg)
-    prepared = prepare_dataset(cfg, target, progress=progress)  # its errors are OrpoErrors: see OrpoGroup
+    # its errors are OrpoErrors: OrpoGroup prints them
+    prepared = prepare_dataset(cfg, target, progress=progress, allow_empty=allow_empty)
     manifest = json.loads(prepared.manifest_path.read_text(encoding="utf-8"))
     console.print(_summary(prepared, manifest))
     console.print(f"fingerprint {prepared.fingerprint}", style="dim", highlight=False)

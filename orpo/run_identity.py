@@ -1,0 +1,85 @@
+"""What makes two training runs the same: their inputs, hashed into one key stored on each registered version.
+
+A run's inputs are
+- the data fingerprint (sha256 over the binarized pairs: covers the source and every data option),
+- the configuration's semantic hash (the fields that change the trained weights; not run names, paths,
+  evaluation, registry or orchestration settings),
+- the start model pinned to one exact version (`models:/NAME/N`, a hub id at a commit, a built-in),
+- the code revision (git commit, plus a digest of uncommitted changes when the tree is dirty).
+
+A nightly run whose key is already on a registered version (tag `run_inputs`) has nothing new to learn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orpo.config import PipelineConfig
+
+TAG_RUN_INPUTS = "run_inputs"
+TAG_PREFIX = "run_inputs."
+
+# Fields that never change the trained weights. Everything else in `model` and `train` counts; the data
+# section counts through the data fingerprint (which hashes the pairs its options produced).
+_IGNORED_TRAIN_FIELDS = {"output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                         "accelerate_config"}
+_IGNORED_MODEL_FIELDS = {"name_or_path", "revision", "cache_dir"}  # the pinned start model replaces these
+
+
+def semantic_config_hash(config: PipelineConfig) -> str:
+    """A hash of the configuration fields that change the model (not where or how the run is organised)."""
+    payload = {
+        "model": config.model.model_dump(mode="json", exclude=_IGNORED_MODEL_FIELDS),
+        "train": config.train.model_dump(mode="json", exclude=_IGNORED_TRAIN_FIELDS),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_revision() -> str:
+    """The project's git commit; with uncommitted changes, `<commit>+dirty.<digest of the diff>`."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        diff = git("diff", "HEAD", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not diff:
+        return commit
+    return f"{commit}+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """The inputs that determine a trained model; `key` identifies them."""
+
+    data_fingerprint: str
+    config_hash: str
+    start_model: str
+    code_revision: str
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+    def tags(self) -> dict[str, str]:
+        """Version tags: the key (searchable) and each input (readable)."""
+        return {TAG_RUN_INPUTS: self.key, **{TAG_PREFIX + k: str(v)[:5000] for k, v in asdict(self).items()}}
+
+
+def run_inputs(config: PipelineConfig, data_fingerprint: str, start_model_identity: str,
+               revision: str | None = None) -> RunInputs:
+    return RunInputs(
+        data_fingerprint=data_fingerprint,
+        config_hash=semantic_config_hash(config),
+        start_model=start_model_identity,
+        code_revision=revision if revision is not None else code_revision(),
+    )

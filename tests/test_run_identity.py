@@ -1,0 +1,67 @@
+"""A run's identity: which config fields count, how the inputs combine, and portable model references."""
+
+from __future__ import annotations
+
+import pytest
+
+from orpo.config import ConfigError, load_config
+from orpo.run_identity import RunInputs, code_revision, run_inputs, semantic_config_hash
+
+
+def test_only_fields_that_change_the_weights_change_the_config_hash(tmp_path):
+    base = load_config(None, ["model.name_or_path=builtin:tiny-llama"])
+    same = load_config(None, [
+        "model.name_or_path=models:/orpo-model@champion", f"model.cache_dir={tmp_path}", "run_name=other",
+        f"workdir={tmp_path}", "train.output_dir=/x", "train.save_steps=5", "train.logging_steps=7",
+        "eval.suites=[preference]", "registry.registered_model_name=x", "orchestration.cron=0 3 * * *",
+        "orchestration.launch_with_accelerate=false", "data.test_size=0.5", "data.export=parquet",
+    ])
+    assert semantic_config_hash(same) == semantic_config_hash(base)
+    for override in ("train.learning_rate=1e-4", "train.lora.r=4", "train.orpo_lambda=0.2", "model.dtype=bfloat16",
+                     "train.max_steps=10", "train.seed=1"):
+        changed = load_config(None, ["model.name_or_path=builtin:tiny-llama", override])
+        assert semantic_config_hash(changed) != semantic_config_hash(base), override
+
+
+def test_every_input_changes_the_key_and_the_tags_are_searchable():
+    inputs = RunInputs("data", "config", "models:/m/1", "abc")
+    keys = {inputs.key, RunInputs("data2", "config", "models:/m/1", "abc").key,
+            RunInputs("data", "config2", "models:/m/1", "abc").key,
+            RunInputs("data", "config", "models:/m/2", "abc").key,
+            RunInputs("data", "config", "models:/m/1", "abd").key}
+    assert len(keys) == 5
+    tags = inputs.tags()
+    assert tags["run_inputs"] == inputs.key and tags["run_inputs.start_model"] == "models:/m/1"
+    config = load_config(None, [])
+    assert run_inputs(config, "data", "builtin:tiny-llama", revision="abc").code_revision == "abc"
+
+
+def test_code_revision_names_a_commit():
+    revision = code_revision()
+    assert revision == "unknown" or len(revision.split("+")[0]) == 40
+
+
+def test_incremental_data_needs_the_champion_as_start():
+    with pytest.raises(ConfigError, match="start_from: champion"):
+        load_config(None, ["data.incremental=true"])
+    assert load_config(None, ["data.incremental=true", "orchestration.start_from=champion"]).data.incremental
+
+
+def test_portable_references(tiny_model_dir, tmp_path):
+    from orpo.models import TINY_LLAMA, pin_model, portable_reference
+
+    assert portable_reference(str(tiny_model_dir)) == TINY_LLAMA  # a built-in's cache maps back to its name
+    assert portable_reference("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_reference("models:/orpo-model/3") == "models:/orpo-model/3"
+    assert portable_reference("models:/orpo-model@champion") is None  # an alias moves
+    (tmp_path / "mine").mkdir()
+    assert portable_reference(str(tmp_path / "mine")) is None  # a local directory exists only here
+    cached = tmp_path / "cache" / "mlflow" / "abc" / "models" / "m" / "2"
+    (cached / "model").mkdir(parents=True)
+    (cached / ".orpo-source").write_text("models:/m/2")
+    assert portable_reference(str(cached / "model")) == "models:/m/2"
+
+    pinned = pin_model(TINY_LLAMA, tiny_model_dir.parent)
+    assert (pinned.pinned, pinned.identity, pinned.path) == (TINY_LLAMA, TINY_LLAMA, str(tiny_model_dir))
+    local = pin_model(str(tiny_model_dir))
+    assert local.identity.startswith(str(tiny_model_dir)) and "#" in local.identity
