@@ -218,7 +218,7 @@ def train_command(
 def _preflight(cfg) -> None:
     """What a run needs from outside, checked in seconds before anything is built or started: the model
     (a wrong name or an unreachable hub), a local data source, and an MLflow tracking server."""
-    from orpo.data.binarize import input_files, is_hub_id
+    from orpo.data.readers import input_files, is_hub_id
     from orpo.models import check_model_available
     from orpo.registry import check_tracking_server
 
