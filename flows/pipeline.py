@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from evals.run import EvalResult
 from orpo.config import PipelineConfig, load_config, validate_config
 from orpo.data.binarize import PreparedDataset
 from orpo.models import PinnedModel
@@ -162,11 +163,11 @@ def _no_new_shards_markdown(seen: SeenShards, config: PipelineConfig) -> str:
     ])
 
 
-def _evaluate_start_model(config: PipelineConfig, start: PinnedModel, dataset_dir: Path) -> dict[str, float]:
-    """The start model's scores, from the cached evaluation when its version, settings and data are unchanged."""
+def _evaluate_start_model(config: PipelineConfig, start: PinnedModel, dataset_dir: Path) -> EvalResult:
+    """The start model's evaluation, cached while its version, settings and data are unchanged."""
     pinned_config = config.model_copy(update={"model": config.model.model_copy(update={"revision": start.revision})})
     out_dir = Path(config.workdir) / "reports" / f"base-{_spec_slug(start.pinned)}"
-    return evaluate_base(pinned_config, start.path, out_dir, dataset_dir, None, label="base").metrics
+    return evaluate_base(pinned_config, start.path, out_dir, dataset_dir, None, label="base")
 
 
 def _summary_of_inputs(config: PipelineConfig, run_name: str, start: PinnedModel,
@@ -229,12 +230,14 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
                           None, label="model")
     metrics = dict(evaluation.metrics)
     base_metrics: dict[str, float] = {}
+    base_report_dir: Path | None = None
     if config.orchestration.evaluate_base_model:
-        base_metrics = _evaluate_start_model(config, start, data.dataset_dir)
+        base_eval = _evaluate_start_model(config, start, data.dataset_dir)
+        base_metrics, base_report_dir = base_eval.metrics, base_eval.report_dir
         metrics.update({f"preference/base_{name}": base_metrics[f"preference/{name}"]
                         for name in ("accuracy", "margin") if f"preference/{name}" in base_metrics})
     log_evaluation(config, version, metrics, evaluation.report_dir)
-    decision = gate_and_promote(config, version)
+    decision = gate_and_promote(config, version, start_report_dir=base_report_dir)
 
     return PipelineSummary(
         **summary,

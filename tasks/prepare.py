@@ -90,6 +90,7 @@ def _manifest_markdown(prepared: PreparedDataset, data: DataConfig) -> str:
     persist_result=True,
     retries=2,
     retry_delay_seconds=[10, 60],  # hub streaming is the flaky part; local files succeed or fail at once
+    retry_condition_fn=retry_on_transient,  # a bad source or empty data fails at once, not after 70 s
 )
 def prepare_data(config: PipelineConfig, exclude_shards: list[str] | None = None) -> PreparedDataset:
     """Binarize `config.data.source` into a DatasetDict + manifest.json (reused when nothing changed).

@@ -7,7 +7,6 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from orpo import registry
 from orpo.config import PipelineConfig
 from orpo.gate import GateDecision, decision_markdown, promote
 from orpo.registry import RegisteredVersion
@@ -51,12 +50,3 @@ def gate_and_promote(config: PipelineConfig, version: RegisteredVersion,
     )
     return decision
 
-
-@task(name="resolve-start-model", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)
-def start_model(config: PipelineConfig) -> str:
-    """The model spec to train from: the base model, or the current champion when configured and present."""
-    if config.orchestration.start_from == "champion":
-        uri = registry.champion_uri(config)
-        if uri:
-            return uri
-    return config.model.name_or_path
