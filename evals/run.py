@@ -367,7 +367,11 @@ def evaluate_model(
             elif suite == "lm-eval":
                 run.run_lm_eval()
         if run._judge is not None:
-            run.sections["Judge"] = {"kind": run._judge.kind, "model": run._judge.model, **run._judge.stats.as_dict()}
+            judge_cfg = config.eval.judge
+            models = ({"alpaca_annotator_model": judge_cfg.alpaca_annotator_model,
+                       "mt_bench_judge_model": judge_cfg.mt_bench_judge_model, "base_url": judge_cfg.base_url}
+                      if run._judge.kind == "openai" else {"model": run._judge.model})
+            run.sections["Judge"] = {"kind": run._judge.kind, **models, **run._judge.stats.as_dict()}
         run.summary_chart()
         report = Report(model=model_path, metrics=dict(sorted(run.metrics.items())), sections=run.sections,
                         notes=run.notes, charts=run.charts, protocols=dict(run.protocols))

@@ -255,3 +255,46 @@ def test_protocol_names():
     assert mt_bench_protocol(**{**mt, "judge_kind": "hf"}).prefix == "mt_bench_local_judge"
     assert "minimal GLM" in describe_metric("alpaca_eval2_subset/lc_minimal_glm_winrate")
     assert describe_metric("preference/accuracy") == ""
+
+
+def test_evaluate_model_with_an_endpoint_judge_names_protocols_and_writes_official_layouts(
+        tiny_model_dir, shared_data, tmp_path):
+    from evals.run import evaluate_model, model_label
+    from orpo.config import load_config
+
+    with JudgeServer() as server:
+        config = load_config(None, [
+            f"workdir={tmp_path / 'work'}",
+            "eval.judge.kind=openai",
+            f"eval.judge.base_url={server.url}",
+            "eval.judge.backoff_base_s=0.001",
+            f"eval.alpaca_source={shared_data / 'alpaca_eval' / 'gpt4_1106_preview_outputs.json'}",
+            f"eval.mt_bench_questions={shared_data / 'mt_bench' / 'question.jsonl'}",
+            f"eval.mt_bench_judge_prompts={shared_data / 'mt_bench' / 'judge_prompts.jsonl'}",
+            f"eval.mt_bench_reference_answers={shared_data / 'mt_bench' / 'reference_answer_gpt-4.jsonl'}",
+            "eval.alpaca_limit=3",
+            "eval.mt_bench_limit=2",
+            "eval.max_new_tokens=6",
+            "eval.suites=[alpaca,mtbench]",
+        ])
+        result = evaluate_model(config, str(tiny_model_dir), tmp_path / "report", api_key=SECRET, progress=False)
+    out = result.report_dir
+    metrics = result.metrics
+    # The official protocols on a subset of the official data: named apart from the leaderboard numbers.
+    assert "alpaca_eval2_subset/win_rate" in metrics and "mt_bench_subset/score" in metrics
+    assert not any(name.startswith(("alpaca_eval2/", "mt_bench/")) for name in metrics)
+    assert set(result.protocols) == {"alpaca_eval2_subset", "mt_bench_subset"}
+    assert {b["model"] for b in server.bodies if b.get("logprobs")} == {"gpt-4-1106-preview"}
+    assert {b["model"] for b in server.bodies if not b.get("logprobs")} == {"gpt-4"}
+    judgments = [json.loads(line) for line in (out / "model_judgment" / "gpt-4_single.jsonl").read_text().splitlines()]
+    assert {tuple(j["judge"]) for j in judgments} <= {("gpt-4", n) for n in ("single-v1", "single-v1-multi-turn",
+                                                                            "single-math-v1", "single-math-v1-multi-turn")}
+    assert metrics["mt_bench_subset/score"] == pytest.approx(sum(j["score"] for j in judgments) / len(judgments))
+    answers = (out / "model_answer" / f"{model_label(str(tiny_model_dir))}.jsonl").read_text().splitlines()
+    assert len(answers) == 2
+    annotations = json.loads((out / "annotations.json").read_text())
+    assert len(annotations) == 3 and len(json.loads((out / "model_outputs.json").read_text())) == 3
+    assert "| metric | value | protocol |" in result.report_md.read_text()
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".md"):
+            assert SECRET not in path.read_text()
