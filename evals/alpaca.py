@@ -180,6 +180,19 @@ def _hf_preferences(judge, evaluator: Evaluator, prompts: list[list[dict[str, st
     return out
 
 
+def protocol_kwargs(eval_config) -> dict[str, Any]:
+    """`judge_pairwise` keyword arguments that select the configured protocol (an `EvalConfig`).
+
+    `judge_pairwise(judge, rows, outputs, **protocol_kwargs(config.eval))` annotates exactly as the
+    evaluation does: evaluator `eval.alpaca_evaluator`, annotator `eval.judge.alpaca_annotator_model` for an
+    endpoint judge, alpaca_eval seed `eval.seed`.
+    """
+    kwargs: dict[str, Any] = {"seed": eval_config.seed, "evaluator": eval_config.alpaca_evaluator}
+    if eval_config.judge.kind == "openai":
+        kwargs["annotator_model"] = eval_config.judge.alpaca_annotator_model
+    return kwargs
+
+
 def judge_pairwise(
     judge,
     instructions: Sequence[dict[str, Any]],

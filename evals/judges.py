@@ -510,7 +510,8 @@ def build_judge(config, *, api_key: str | None = None, cache_dir: str | Path | N
             log.warning("no API key for the judge (environment variable %s is unset)", config.api_key_env)
         return OpenAIJudge(
             base_url=config.base_url,
-            model=model or config.model,
+            # Each protocol names its own model per request; this default only serves plain `complete` calls.
+            model=model or config.alpaca_annotator_model,
             api_key=key,
             max_concurrency=config.max_concurrency,
             timeout_s=config.timeout_s,

@@ -28,6 +28,18 @@ PREFIX_DESCRIPTIONS = {
     "mt_bench_custom_prompts": "MT-Bench-style with non-FastChat judge prompts: not leaderboard-comparable",
     "mt_bench_local_judge": "MT-Bench-style with a local hf judge: plumbing check, not leaderboard-comparable",
 }
+PREFIX_SHORT = {
+    "alpaca_eval2": "AlpacaEval 2.0 official",
+    "alpaca_eval2_subset": "AE2 protocol, subset/other data",
+    "alpaca_eval2_other_annotator": "AE2 protocol, other annotator",
+    "alpaca_custom_prompt": "custom prompt (unofficial)",
+    "alpaca_local_judge": "local hf judge (unofficial)",
+    "mt_bench": "MT-Bench official",
+    "mt_bench_subset": "MT-Bench protocol, subset/other data",
+    "mt_bench_other_judge": "MT-Bench protocol, other judge",
+    "mt_bench_custom_prompts": "custom prompts (unofficial)",
+    "mt_bench_local_judge": "local hf judge (unofficial)",
+}
 LC_OFFICIAL = "length_controlled_winrate"  # alpaca_eval's length_controlled_v1 GLM
 LC_MINIMAL = "lc_minimal_glm_winrate"  # length + baseline terms only, fitted on this model's annotations
 
@@ -88,14 +100,17 @@ def mt_bench_protocol(*, judge_kind: str, judge_model: str, fastchat_prompts: bo
     return _protocol("mt_bench", f"judge {judge_model}", deviations)
 
 
-def describe_metric(name: str) -> str:
+def describe_metric(name: str, *, short: bool = False) -> str:
     """The protocol behind a metric name (its prefix), for tables; '' for metrics without a judge protocol."""
     prefix = name.split("/", 1)[0]
-    if prefix in PREFIX_DESCRIPTIONS:
-        text = PREFIX_DESCRIPTIONS[prefix]
+    table = PREFIX_SHORT if short else PREFIX_DESCRIPTIONS
+    if prefix in table:
+        text = table[prefix]
         if name.endswith("/" + LC_MINIMAL):
-            text += "; LC from the minimal GLM, not the leaderboard's"
+            text += ", minimal LC GLM" if short else "; LC from the minimal GLM, not the leaderboard's"
         return text
     if prefix.startswith("alpaca_"):
-        return f"AlpacaEval-style with alpaca_eval evaluator {prefix[len('alpaca_'):]}: not leaderboard-comparable"
+        evaluator = prefix[len("alpaca_"):]
+        return (f"evaluator {evaluator} (unofficial)" if short else
+                f"AlpacaEval-style with alpaca_eval evaluator {evaluator}: not leaderboard-comparable")
     return ""

@@ -139,7 +139,7 @@ class _Evaluation:
         return self._alpaca_rows
 
     def run_alpaca(self) -> None:
-        from evals.alpaca import alpaca_metrics, judge_pairwise, load_evaluator
+        from evals.alpaca import alpaca_metrics, judge_pairwise, load_evaluator, protocol_kwargs
         from evals.generate import generate_alpaca_outputs, write_json
         from evals.protocols import LC_MINIMAL, LC_OFFICIAL, alpaca_protocol
 
@@ -157,8 +157,7 @@ class _Evaluation:
             batch_size=self.ev.batch_size, seed=self.ev.seed, progress=self.progress,
         )
         write_json(outputs, self.out / "model_outputs.json")
-        annotations = judge_pairwise(judge, rows, outputs, seed=self.ev.seed, evaluator=evaluator,
-                                     annotator_model=annotator if judge.kind == "openai" else None)
+        annotations = judge_pairwise(judge, rows, outputs, **{**protocol_kwargs(self.ev), "evaluator": evaluator})
         write_json(annotations, self.out / "annotations.json")
         result = alpaca_metrics(annotations, df_gamed=self.ev.lc_glm_df_gamed)
         values = result.as_dict()

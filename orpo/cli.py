@@ -183,7 +183,7 @@ def _print_summary(summary, ui_command: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"Pipeline run {summary.run_name}", show_lines=False)
-    table.add_column("metric")
+    table.add_column("metric", overflow="fold")  # the name says the protocol: never cut it short
     table.add_column("before (start model)", justify="right")
     table.add_column("after (ORPO)", justify="right")
     table.add_column("change", justify="right")
@@ -196,7 +196,8 @@ def _print_summary(summary, ui_command: str) -> None:
         after = summary.metrics[name]
         before = summary.base_metrics.get(name)
         change = "" if before is None else f"{after - before:+.3f}"
-        table.add_row(name, "" if before is None else f"{before:.3f}", f"{after:.3f}", change, describe_metric(name))
+        table.add_row(name, "" if before is None else f"{before:.3f}", f"{after:.3f}", change,
+                      describe_metric(name, short=True))
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.data_counts.items()))
     console.print(f"data: {summary.dataset_dir} ({counts}; fingerprint {summary.data_fingerprint[:12]})")

@@ -298,3 +298,25 @@ def test_evaluate_model_with_an_endpoint_judge_names_protocols_and_writes_offici
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".md"):
             assert SECRET not in path.read_text()
+
+
+@pytest.mark.slow
+def test_mlflow_run_carries_each_protocol_as_a_tag(tmp_path, tiny_model_dir):
+    from mlflow import MlflowClient
+    from test_registry_helpers import make_train_dir
+
+    from evals.protocols import PREFIX_DESCRIPTIONS
+    from evals.report import Report, write_report
+    from orpo.config import PipelineConfig
+    from orpo.registry import configure_mlflow, log_evaluation, register_training_run
+
+    config = PipelineConfig(workdir=str(tmp_path / "work"))
+    version = register_training_run(config, make_train_dir(tmp_path, lora=True, base_dir=tiny_model_dir, seed=1))
+    protocols = {"alpaca_eval2": PREFIX_DESCRIPTIONS["alpaca_eval2"], "mt_bench_subset": "MT-Bench on 2 questions"}
+    metrics = {"alpaca_eval2/win_rate": 12.5, "mt_bench_subset/score": 6.0}
+    write_report(Report(model="m", metrics=metrics, protocols=protocols), tmp_path / "report")
+    log_evaluation(config, version, metrics, tmp_path / "report")
+    configure_mlflow(config)
+    tags = MlflowClient().get_run(version.run_id).data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("eval.protocol.")} == {
+        f"eval.protocol.{prefix}": text for prefix, text in protocols.items()}
