@@ -320,3 +320,21 @@ def test_mlflow_run_carries_each_protocol_as_a_tag(tmp_path, tiny_model_dir):
     tags = MlflowClient().get_run(version.run_id).data.tags
     assert {k: v for k, v in tags.items() if k.startswith("eval.protocol.")} == {
         f"eval.protocol.{prefix}": text for prefix, text in protocols.items()}
+
+
+def test_cli_run_against_a_judge_that_is_down_fails_with_one_message(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from evals.cli import app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    result = CliRunner().invoke(app, [
+        "run", "--model", str(tiny_model_dir), "--suite", "alpaca", "--out", str(tmp_path / "out"), "--limit", "4",
+        f"workdir={tmp_path}", "eval.alpaca_source=data/samples/eval/alpaca_eval_sample.json",
+        "eval.max_new_tokens=4", "eval.judge.kind=openai", f"eval.judge.base_url={url}",
+    ])
+    assert result.exit_code == 2
+    assert f"the judge at {url}/chat/completions cannot be reached" in result.output
+    assert "Traceback" not in result.output
