@@ -81,10 +81,6 @@ def test_alpaca_requests_and_preferences_are_alpaca_evals_own(shared_data, tmp_p
     # The reported win rate is what the judge's answers imply, with alpaca_eval's own metric.
     from alpaca_eval.metrics import get_winrate
 
-    implied = []
-    for ours, body in zip(annotations, sorted(server.bodies, key=lambda b: 0)):
-        del body
-        implied.append(ours["preference"])
     metrics = alpaca_metrics(annotations)
     upstream_rate = get_winrate([{"preference": p} for p in by_instruction.values()])["win_rate"]
     assert metrics.win_rate == pytest.approx(upstream_rate, abs=1e-9)
@@ -141,18 +137,25 @@ def test_mt_bench_requests_are_fastchats_and_scores_are_implied(shared_data, tmp
     assert scores.turn_1 == pytest.approx(sum(implied[0::2]) / len(questions))
 
 
-def _faults(rejected: set[str]):
-    """30% of the items fail their first attempts (429, 500, a malformed 200, a timeout); `rejected` for good."""
-    kinds = [429, 500, "malformed", 503, "timeout", 429]
+def _faults(rejected: set[str], served: dict):
+    """30% of the items fail their first two attempts, the failing items taking turns at 429, 500, a malformed
+    200, 503 and a timeout (then a 502); the items holding a `rejected` text are refused for good (400)."""
+    import threading
+
+    kinds = [429, 500, "malformed", 503, "timeout"]
+    lock = threading.Lock()
+    kind_of: dict[str, object] = {}
 
     def faults(content, attempt):
         if any(r in content for r in rejected):
             return 400
-        h = digest("fault:" + content)
-        if h % 10 < 3 and attempt < 2:
-            kind = kinds[(h // 10) % len(kinds)]
-            return 502 if kind == "timeout" and attempt == 1 else kind
-        return None
+        if digest("fault:" + content) % 10 >= 3 or attempt >= 2:
+            return None
+        with lock:
+            kind = kind_of.setdefault(content, kinds[len(kind_of) % len(kinds)])
+            fault = 502 if kind == "timeout" and attempt == 1 else kind
+            served[fault] = served.get(fault, 0) + 1
+        return fault
 
     return faults
 
@@ -169,12 +172,14 @@ def test_flaky_judge_gives_the_clean_judges_numbers_for_the_other_items(shared_d
         clean_judgments = grade_answers(_judge(clean.url, tmp_path / "clean", model="gpt-4"), questions, answers,
                                         judge_prompts=prompts, references=references)
     start = time.perf_counter()
-    with JudgeServer(faults=_faults({bad_instruction, bad_answer})) as flaky:
+    served: dict = {}
+    with JudgeServer(faults=_faults({bad_instruction, bad_answer}, served)) as flaky:
         judge = _judge(flaky.url, tmp_path / "flaky", max_failure_fraction=0.2)
         annotations = judge_pairwise(judge, baseline, mine, seed=0)
         mt_judge = _judge(flaky.url, tmp_path / "flaky", model="gpt-4", max_failure_fraction=0.2)
         judgments = grade_answers(mt_judge, questions, answers, judge_prompts=prompts, references=references)
     assert time.perf_counter() - start < 30
+    assert set(served) == {429, 500, "malformed", 503, "timeout", 502}  # every kind of fault was served
     assert judge.stats.retries > 0 and judge.stats.failures == 1
     assert mt_judge.stats.failures == 1
     failed = [a for a in annotations if a["instruction"] == bad_instruction]
