@@ -20,7 +20,8 @@ fitted on the parseable rows and predicted over all rows as upstream:
 1. `length_controlled_v1`, the leaderboard's GLM, when `df_gamed.csv` is given (a local path);
 2. `length_controlled_minimal` (length + baseline terms only), fitted on the annotations alone, offline:
    not the leaderboard's LC, and named apart by the caller.
-A fit that cannot be made (under 10 parseable rows, no length spread, or a flat prediction) gives no LC.
+A fit that cannot be made (under 10 parseable rows, no length spread, or every weight regularised to zero,
+which predicts a flat 50%) gives no LC.
 alpaca_eval's GLM code downloads `df_gamed.csv` from the hub even for the minimal GLM and saves weights
 into site-packages by default; here the download is replaced by the local file (or, for the minimal GLM,
 an all-zero instruction-difficulty table that its formula never reads) and weights are never saved.
@@ -297,6 +298,23 @@ def _local_glm_inputs(df_gamed: str | Path | None, n_instructions: int) -> Itera
             glm_winrate.hf_hub_download = original
 
 
+def leaderboard_df_gamed() -> str | None:
+    """alpaca_eval's `df_gamed.csv` fetched the way alpaca_eval fetches it (hub dataset tatsu-lab/alpaca_eval),
+    or None when offline or unreachable (the caller then fits the minimal GLM and names it so)."""
+    from evals.official import is_offline
+
+    if is_offline():
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id="tatsu-lab/alpaca_eval", filename="df_gamed.csv", repo_type="dataset")
+    except Exception as exc:  # noqa: BLE001 - any failure means: no leaderboard GLM, say so, go on
+        log.warning("could not fetch alpaca_eval's df_gamed.csv (%s); set eval.lc_glm_df_gamed for the "
+                    "leaderboard's length_controlled_v1 GLM", exc)
+        return None
+
+
 def _lc_with_glm(df, glm_name: str, df_gamed: str | Path | None) -> tuple[float, float]:
     import sklearn
     from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
@@ -365,10 +383,14 @@ def alpaca_metrics(
         glm = "length_controlled_v1" if df_gamed is not None else "length_controlled_minimal"
         # Fitted on the parseable rows, predicted over all rows (alpaca_eval's get_length_controlled_winrate).
         fitted, fitted_se = _lc_with_glm(df, glm, df_gamed)
-        if math.isfinite(fitted) and fitted_se > 0:
-            lc, lc_se, method = fitted, fitted_se, glm
-        else:  # every row predicted alike: the fit found nothing, which is not a 50% win rate
-            log.warning("the length-controlled GLM fit is degenerate (flat prediction); no LC win rate")
+        # All weights regularised to zero predict exactly 50%: the fit found nothing, which is not a 50% win rate.
+        if math.isfinite(fitted) and abs(fitted - 50.0) > 1e-6:
+            lc, method = fitted, glm
+            # The "standard error" is the spread of the predictions over instructions; the minimal GLM has no
+            # instruction term, so its spread is rounding noise, not an uncertainty.
+            lc_se = fitted_se if glm != "length_controlled_minimal" else None
+        else:
+            log.warning("the length-controlled GLM fit is degenerate (every weight zero, a flat 50%); no LC win rate")
     return AlpacaMetrics(
         win_rate=float(head["win_rate"]),
         standard_error=float(head["standard_error"]),

@@ -79,7 +79,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "orpo-pipeline"
 
 
-def _offline() -> bool:
+def is_offline() -> bool:
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes")
                for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "ORPO_OFFLINE"))
 
@@ -96,7 +96,7 @@ def official_file(official: OfficialFile, cache_dir: str | Path | None = None) -
     target = Path(cache_dir or default_cache_dir()) / "eval-data" / official.name
     if target.is_file() and sha256_of(target) == official.sha256:
         return target
-    if _offline():
+    if is_offline():
         raise _missing(official, "not cached and this run is offline (HF_HUB_OFFLINE/ORPO_OFFLINE)")
     import httpx
 

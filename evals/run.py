@@ -139,7 +139,7 @@ class _Evaluation:
         return self._alpaca_rows
 
     def run_alpaca(self) -> None:
-        from evals.alpaca import alpaca_metrics, judge_pairwise, load_evaluator, protocol_kwargs
+        from evals.alpaca import alpaca_metrics, judge_pairwise, leaderboard_df_gamed, load_evaluator, protocol_kwargs
         from evals.generate import generate_alpaca_outputs, write_json
         from evals.protocols import LC_MINIMAL, LC_OFFICIAL, alpaca_protocol
 
@@ -159,7 +159,9 @@ class _Evaluation:
         write_json(outputs, self.out / "model_outputs.json")
         annotations = judge_pairwise(judge, rows, outputs, **{**protocol_kwargs(self.ev), "evaluator": evaluator})
         write_json(annotations, self.out / "annotations.json")
-        result = alpaca_metrics(annotations, df_gamed=self.ev.lc_glm_df_gamed)
+        # The leaderboard's LC GLM needs df_gamed.csv: the configured file, else alpaca_eval's own download.
+        df_gamed = self.ev.lc_glm_df_gamed or (leaderboard_df_gamed() if protocol.official else None)
+        result = alpaca_metrics(annotations, df_gamed=df_gamed)
         values = result.as_dict()
         prefix = protocol.prefix
         lc_name = LC_OFFICIAL if result.lc_method == "length_controlled_v1" else LC_MINIMAL

@@ -82,8 +82,17 @@ def test_minimal_glm_runs_offline_and_writes_nothing_to_site_packages(shared_dat
     annotations = json.loads((shared_data / "alpaca_eval" / "annotations" / "alpaca-7b.json").read_text())
     result = alpaca_metrics(annotations)
     assert result.lc_method == "length_controlled_minimal"
-    assert 0.0 < result.length_controlled_winrate < 100.0
+    assert 0.0 < result.length_controlled_winrate < 100.0 and result.length_controlled_winrate != 50.0
+    assert result.lc_standard_error is None  # no instruction term: its prediction spread is rounding noise
     assert weights_dir.exists() == existed
+    # Preferences unrelated to length: every weight regularised to zero would read as a flat 50; no LC instead.
+    import random
+
+    rng = random.Random(0)
+    for annotation in annotations:
+        annotation["preference"] = rng.choice([1.0, 2.0])
+    noise = alpaca_metrics(annotations)
+    assert noise.length_controlled_winrate is None and noise.lc_method == "none"
 
 
 def _choice(first: float, second: float, token: str = "m") -> dict:

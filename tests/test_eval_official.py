@@ -343,3 +343,51 @@ def test_cli_run_against_a_judge_that_is_down_fails_with_one_message(tiny_model_
     assert result.exit_code == 2
     assert f"the judge at {url}/chat/completions cannot be reached" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_official_protocols_on_the_official_data_get_the_leaderboard_names(
+        tiny_model_dir, shared_data, tmp_path, monkeypatch):
+    """All 805 instructions and 80 questions, official files and judges: alpaca_eval2/* and mt_bench/*."""
+    import evals.generate
+    from alpaca_eval.metrics import get_winrate
+
+    from evals.run import evaluate_model
+    from orpo.config import load_config
+
+    def outputs(model, tokenizer, rows, *, generator, **_):  # canned answers: this test is about the names
+        return [{"instruction": r["instruction"], "output": r["output"][: 50 + 7 * (i % 90)], "generator": generator,
+                 "dataset": r["dataset"]} for i, r in enumerate(rows)]
+
+    def answers(model, tokenizer, questions, *, model_id, **_):
+        return [{"question_id": q["question_id"], "answer_id": str(q["question_id"]), "model_id": model_id,
+                 "choices": [{"index": 0, "turns": [f"answer {q['question_id']} {t}" for t in (1, 2)]}], "tstamp": 0}
+                for q in questions]
+
+    monkeypatch.setattr(evals.generate, "generate_alpaca_outputs", outputs)
+    monkeypatch.setattr(evals.generate, "generate_mt_bench_answers", answers)
+    with JudgeServer() as server:
+        config = load_config(None, [
+            f"workdir={tmp_path / 'work'}", "eval.judge.kind=openai", f"eval.judge.base_url={server.url}",
+            "eval.judge.max_concurrency=8",
+            f"eval.alpaca_source={shared_data / 'alpaca_eval' / 'gpt4_1106_preview_outputs.json'}",
+            f"eval.mt_bench_questions={shared_data / 'mt_bench' / 'question.jsonl'}",
+            f"eval.mt_bench_judge_prompts={shared_data / 'mt_bench' / 'judge_prompts.jsonl'}",
+            f"eval.mt_bench_reference_answers={shared_data / 'mt_bench' / 'reference_answer_gpt-4.jsonl'}",
+            "eval.suites=[alpaca,mtbench]",
+        ])
+        result = evaluate_model(config, str(tiny_model_dir), tmp_path / "report", api_key=SECRET, progress=False)
+    metrics = result.metrics
+    assert set(result.protocols) == {"alpaca_eval2", "mt_bench"}
+    assert metrics["alpaca_eval2/n_total"] == 805 and "mt_bench/category/writing" in metrics
+    # Offline there is no df_gamed.csv, so never the leaderboard's LC name; and this judge's preferences are
+    # unrelated to length, so the minimal GLM regularises every weight away: no LC at all, not a flat 50.
+    assert "alpaca_eval2/length_controlled_winrate" not in metrics
+    assert "alpaca_eval2/lc_minimal_glm_winrate" not in metrics
+    assert "not reported (the GLM could not be fitted)" in result.report_md.read_text()
+    annotations = json.loads((result.report_dir / "annotations.json").read_text())
+    assert metrics["alpaca_eval2/win_rate"] == pytest.approx(get_winrate(annotations)["win_rate"])
+    assert {a["annotator"] for a in annotations} == {"weighted_alpaca_eval_gpt4_turbo"}
+    judgments = (result.report_dir / "model_judgment" / "gpt-4_single.jsonl").read_text().splitlines()
+    assert len(judgments) == 160
+    differing = [a for a in annotations if a["output_1"] != a["output_2"]]  # identical ones are ties, unasked
+    assert len([b for b in server.bodies if b.get("logprobs")]) == len(differing) < 805
