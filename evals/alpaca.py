@@ -40,9 +40,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evals.protocols import OFFICIAL_ALPACA_EVALUATOR
+
 log = logging.getLogger(__name__)
 
-DEFAULT_EVALUATOR = "weighted_alpaca_eval_gpt4_turbo"
+DEFAULT_EVALUATOR = OFFICIAL_ALPACA_EVALUATOR  # the AlpacaEval 2.0 leaderboard's annotator config
 # Request fields of an evaluator's completions_kwargs that a chat-completions call takes as they are.
 _REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "logprobs", "top_logprobs", "seed", "stop")
 
