@@ -1,20 +1,27 @@
-"""AlpacaEval-style pairwise judging against baseline outputs, and AlpacaEval's metrics.
+"""AlpacaEval: annotate model outputs against the baseline with alpaca_eval's own evaluator, and its metrics.
 
-Judge prompt: the `chatgpt` evaluator of the installed `alpaca_eval` package
-(`alpaca_eval/evaluators_configs/chatgpt/basic_prompt.txt`), read from the package at run time. It asks
-for exactly "Output (a)" or "Output (b)", which any chat-completions judge can answer, and its config's
-regular expressions parse the answer (alpaca_eval's own `regex_parser`). The `hf` judge instead compares
-the likelihood of the two answers (like alpaca_eval's logprob parser), which gives a preference
-probability even for a small model that does not follow the format.
+The protocol is an alpaca_eval evaluator config read from the installed package (default
+`weighted_alpaca_eval_gpt4_turbo`, the AlpacaEval 2.0 leaderboard's): its prompt template file, its
+decoding settings (`max_tokens: 1`, `temperature: 1`, `logprobs`, `top_logprobs: 5`), its completion parser
+and its parser arguments. Prompts are built by alpaca_eval's own functions in the order its annotator uses
+them: `RandomSwitchTwoColumnsProcessor` swaps output_1/output_2 with the seed string alpaca_eval derives
+from the instruction and the annotator seed, `utils.make_prompts` fills the template, the openai decoder's
+strip + `prompt_to_chatml` make the messages, and the request carries the config's decoding arguments plus
+the `top_p: 1.0` that alpaca_eval's openai decoder adds. The parser turns the returned top logprobs into a
+continuous preference (`logprob_parser`: 2 - P(first shown)), mapped back to baseline=1 / model=2 where the
+order was switched. Identical outputs are ties (1.5) without a request, as alpaca_eval does.
 
-Order: each instruction's two outputs are shown in a random order (seeded, recorded in the annotation as
-`is_swapped`), so a judge's position bias cannot favour either side. Annotations follow AlpacaEval's
-format: `output_1` is always the baseline, `output_2` the model, `preference` in [1, 2] (2 = model wins).
+A local `hf` judge gets the same prompt and scores the parser's tokens by likelihood (the probability a
+`logprob_parser` would read from an endpoint), so its annotations share the format but not the judge.
 
-Metrics: `alpaca_eval.metrics.get_winrate` for win rate, standard error, wins, draws and the discrete win
-rate. Length-controlled win rate, in order of preference:
-1. `length_controlled_v1`, alpaca_eval's leaderboard GLM, when `df_gamed.csv` is given (a local path);
-2. `length_controlled_minimal` (length + baseline terms only), fitted on the annotations alone, offline.
+Metrics: `alpaca_eval.metrics.get_winrate` (win rate, standard error, wins, draws, discrete win rate) over
+all annotations (it leaves out unparseable ones itself). Length-controlled win rate with alpaca_eval's GLM,
+fitted on the parseable rows and predicted over all rows as upstream:
+1. `length_controlled_v1`, the leaderboard's GLM, when `df_gamed.csv` is given (a local path);
+2. `length_controlled_minimal` (length + baseline terms only), fitted on the annotations alone, offline:
+   not the leaderboard's LC, and named apart by the caller.
+A fit that cannot be made (under 10 parseable rows, no length spread, or every weight regularised to zero,
+which predicts a flat 50%) gives no LC.
 alpaca_eval's GLM code downloads `df_gamed.csv` from the hub even for the minimal GLM and saves weights
 into site-packages by default; here the download is replaced by the local file (or, for the minimal GLM,
 an all-zero instruction-difficulty table that its formula never reads) and weights are never saved.
@@ -27,25 +34,24 @@ import contextlib
 import json
 import logging
 import math
-import random
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evals.protocols import OFFICIAL_ALPACA_EVALUATOR
+
 log = logging.getLogger(__name__)
 
-EVALUATOR = "chatgpt"
-TEMPLATE_FILE = "chatgpt/basic_prompt.txt"
-# The chatgpt evaluator config's completion_parser_kwargs.outputs_to_match.
-OUTPUTS_TO_MATCH = {1: r"(?:^|\n) ?Output \(a\)", 2: r"(?:^|\n) ?Output \(b\)"}
-HF_OPTIONS = ("Output (a)", "Output (b)")
+DEFAULT_EVALUATOR = OFFICIAL_ALPACA_EVALUATOR  # the AlpacaEval 2.0 leaderboard's annotator config
+# Request fields of an evaluator's completions_kwargs that a chat-completions call takes as they are.
+_REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "logprobs", "top_logprobs", "seed", "stop")
 
 
 @dataclass
 class AlpacaMetrics:
-    """AlpacaEval's leaderboard columns plus how the LC win rate was computed and parse failures."""
+    """AlpacaEval's leaderboard columns plus how the LC win rate was computed and failures."""
 
     win_rate: float
     standard_error: float
@@ -64,44 +70,130 @@ class AlpacaMetrics:
         return asdict(self)
 
 
-def evaluator_template(evaluator_dir: str = TEMPLATE_FILE) -> str:
-    """The prompt template file shipped with the installed alpaca_eval's evaluator configs."""
+@dataclass
+class Evaluator:
+    """An alpaca_eval evaluator config as the installed package ships it."""
+
+    name: str
+    template: str
+    model: str
+    request: dict[str, Any]
+    parser: Callable[..., list[Any]]
+    parser_kwargs: dict[str, Any] = field(default_factory=dict)
+    completion_key: str = "completions"
+    is_strip: bool = True
+
+    @property
+    def uses_logprobs(self) -> bool:
+        return self.parser.__name__ == "logprob_parser"
+
+
+def _configs_dir() -> Path:
     import alpaca_eval
 
-    path = Path(alpaca_eval.__file__).parent / "evaluators_configs" / evaluator_dir
+    return Path(alpaca_eval.__file__).parent / "evaluators_configs"
+
+
+def load_evaluator(name: str = DEFAULT_EVALUATOR) -> Evaluator:
+    """Read evaluator `name` (prompt, decoding, parser) from the installed alpaca_eval package."""
+    import yaml
+    from alpaca_eval import completion_parsers
+
+    path = _configs_dir() / name / "configs.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the installed alpaca_eval does not ship evaluator {evaluator_dir}")
-    return path.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"{path} is missing; eval.alpaca_evaluator={name!r} is not an evaluator of the "
+                                "installed alpaca_eval")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))[name]
+    if config.get("fn_completions") != "openai_completions" or int(config.get("batch_size", 1)) != 1:
+        raise ValueError(f"{path}: only openai_completions evaluators with batch_size 1 are supported")
+    kwargs = dict(config.get("completions_kwargs", {}))
+    model = kwargs.pop("model_name")
+    unknown = sorted(set(kwargs) - set(_REQUEST_FIELDS))
+    if unknown:
+        raise ValueError(f"{path}: completions_kwargs {unknown} are not supported by this driver")
+    # alpaca_eval's openai decoder sends top_p (default 1.0) and temperature (default 0.7) when unset.
+    request = {"top_p": 1.0, "temperature": 0.7, **kwargs}
+    return Evaluator(
+        name=name,
+        template=(_configs_dir() / config["prompt_template"]).read_text(encoding="utf-8"),
+        model=model,
+        request=request,
+        parser=getattr(completion_parsers, config.get("fn_completion_parser", "regex_parser")),
+        parser_kwargs=dict(config.get("completion_parser_kwargs", {})),
+        completion_key=config.get("completion_key", "completions"),
+    )
 
 
-def pairwise_messages(template: str, instruction: str, output_1: str, output_2: str) -> list[dict[str, str]]:
-    """Fill the template (plain substitution: the templates hold literal braces) and split its ChatML turns."""
-    from alpaca_eval.utils import prompt_to_chatml
+def switched_orders(instructions: Sequence[str], seed: int) -> list[bool]:
+    """Whether alpaca_eval's annotator (seed `seed`) shows the model's output first, per instruction."""
+    import pandas as pd
+    from alpaca_eval.processors import RandomSwitchTwoColumnsProcessor
 
-    text = template.replace("{instruction}", instruction)
-    # Outputs are substituted last so that braces inside them are never read as placeholders.
-    text = text.replace("{output_1}", "\x00OUT1\x00").replace("{output_2}", "\x00OUT2\x00")
-    text = text.replace("\x00OUT1\x00", output_1).replace("\x00OUT2\x00", output_2)
-    return [{"role": m["role"], "content": m["content"]} for m in prompt_to_chatml(text)]
+    if not instructions:
+        return []
+    frame = pd.DataFrame({"instruction": list(instructions), "output_1": "", "output_2": ""})
+    # The same processor and arguments as SinglePairwiseAnnotator's (switch column name included: it is
+    # part of the seed string).
+    processor = RandomSwitchTwoColumnsProcessor(
+        two_columns_to_switch=["output_1", "output_2"], random_seed_columns=["instruction"],
+        _switch_column="is_switched_outputs", seed=seed,
+    )
+    return [bool(v) for v in processor.preprocess(frame)["is_switched_outputs"]]
 
 
-def parse_preference(completion: str | None) -> int | None:
-    """1 for "Output (a)", 2 for "Output (b)" (the first match in the text), None if neither appears."""
-    from alpaca_eval.completion_parsers import regex_parser
+def pairwise_messages(evaluator: Evaluator, instruction: str, output_1: str, output_2: str) -> list[dict[str, str]]:
+    """The chat messages alpaca_eval sends for one comparison shown as (output_1, output_2)."""
+    import pandas as pd
+    from alpaca_eval.utils import make_prompts, prompt_to_chatml
 
+    frame = pd.DataFrame([{"instruction": instruction, "output_1": output_1, "output_2": output_2}])
+    prompt = make_prompts(frame, evaluator.template, batch_size=1)[0][0]
+    return prompt_to_chatml(prompt.strip() if evaluator.is_strip else prompt)
+
+
+def parse_completion(evaluator: Evaluator, text: str | None, choice: dict[str, Any] | None) -> float:
+    """The evaluator's parser on one completion: the preference for the shown order, NaN if unparseable."""
+    completion: Any = choice if evaluator.completion_key == "completions_all" else text
     if not completion:
-        return None
+        return math.nan
     try:
-        parsed = regex_parser(completion, dict(OUTPUTS_TO_MATCH))
-    except Exception:  # noqa: BLE001 - the parser raises on odd input; that is an unparseable judgment
-        return None
-    return int(parsed[0]) if parsed else None
+        parsed = evaluator.parser(completion, **evaluator.parser_kwargs)
+    except Exception as exc:  # noqa: BLE001 - alpaca_eval's parsers raise on odd input: unparseable
+        log.debug("unparseable judgment (%s): %r", exc, text)
+        return math.nan
+    if len(parsed) != 1:  # alpaca_eval sets a batch's annotations to NaN when their number is off
+        return math.nan
+    try:
+        return float(parsed[0])
+    except (TypeError, ValueError):
+        return math.nan
 
 
-def swap_orders(n: int, seed: int) -> list[bool]:
-    """Whether each comparison shows the model first (seeded fair coin flips)."""
-    rng = random.Random(seed)
-    return [rng.random() < 0.5 for _ in range(n)]
+def _hf_preferences(judge, evaluator: Evaluator, prompts: list[list[dict[str, str]]]) -> list[tuple[float, str]]:
+    """A local judge's preference: the parser's tokens scored by likelihood, combined as logprob_parser does."""
+    if not evaluator.uses_logprobs:
+        raise ValueError(f"the hf judge needs a logprob_parser evaluator; {evaluator.name} parses text")
+    numerator = evaluator.parser_kwargs["numerator_token"]
+    options = list(dict.fromkeys([numerator, *evaluator.parser_kwargs["denominator_tokens"]]))
+    out = []
+    for probabilities in judge.score_options(prompts, options):
+        scores = dict(zip(options, probabilities))
+        share = scores[numerator] / sum(scores[t] for t in evaluator.parser_kwargs["denominator_tokens"])
+        out.append((2.0 - share, json.dumps(scores)))
+    return out
+
+
+def protocol_kwargs(eval_config) -> dict[str, Any]:
+    """`judge_pairwise` keyword arguments that select the configured protocol (an `EvalConfig`).
+
+    `judge_pairwise(judge, rows, outputs, **protocol_kwargs(config.eval))` annotates exactly as the
+    evaluation does: evaluator `eval.alpaca_evaluator`, annotator `eval.judge.alpaca_annotator_model` for an
+    endpoint judge, alpaca_eval seed `eval.seed`.
+    """
+    kwargs: dict[str, Any] = {"seed": eval_config.seed, "evaluator": eval_config.alpaca_evaluator}
+    if eval_config.judge.kind == "openai":
+        kwargs["annotator_model"] = eval_config.judge.alpaca_annotator_model
+    return kwargs
 
 
 def judge_pairwise(
@@ -110,36 +202,51 @@ def judge_pairwise(
     model_outputs: Sequence[dict[str, Any]],
     *,
     seed: int = 0,
+    evaluator: str | Evaluator = DEFAULT_EVALUATOR,
+    annotator_model: str | None = None,
     template: str | None = None,
 ) -> list[dict[str, Any]]:
     """Annotate model outputs against the baselines in AlpacaEval's annotation format.
 
-    `instructions` are AlpacaEval records (baseline in `output`); `model_outputs` the model's records in
-    the same order. `preference` is NaN where the judgment was unparseable.
+    `instructions` are AlpacaEval records (baseline in `output`, shown as output_1); `model_outputs` the
+    model's records in the same order (output_2). `preference` is in [1, 2] (2 = model wins), 1.5 for
+    identical outputs (no request), NaN where the judgment failed or was unparseable. `seed` is alpaca_eval's
+    annotator seed (0 = its default); `evaluator` an alpaca_eval evaluator config name; `annotator_model`
+    the endpoint model (default: the evaluator config's `model_name`); `template` replaces the prompt (not
+    the official protocol).
     """
     if len(instructions) != len(model_outputs):
         raise ValueError(f"{len(instructions)} instructions but {len(model_outputs)} model outputs")
-    template = template or evaluator_template()
-    swapped = swap_orders(len(instructions), seed)
+    spec = load_evaluator(evaluator) if isinstance(evaluator, str) else evaluator
+    if template is not None:
+        spec = Evaluator(**{**asdict(spec), "template": template, "parser": spec.parser})
+    model = annotator_model or spec.model
+    switched = switched_orders([row["instruction"] for row in instructions], seed)
+    todo = [i for i, (base, mine) in enumerate(zip(instructions, model_outputs)) if base["output"] != mine["output"]]
     prompts = []
-    for base, mine, swap in zip(instructions, model_outputs, swapped):
-        first, second = (mine["output"], base["output"]) if swap else (base["output"], mine["output"])
-        prompts.append(pairwise_messages(template, base["instruction"], first, second))
-    # position_pref: 1 = first shown output preferred, 2 = second; a float in [1, 2] for the hf judge.
-    raw: list[str | None]
-    if getattr(judge, "kind", "") == "hf" and hasattr(judge, "score_options"):
-        probabilities = judge.score_options(prompts, HF_OPTIONS)
-        position_prefs: list[float | None] = [1.0 + p[1] for p in probabilities]
-        raw = [json.dumps({"Output (a)": p[0], "Output (b)": p[1]}) for p in probabilities]
+    for i in todo:
+        base, mine = instructions[i]["output"], model_outputs[i]["output"]
+        first, second = (mine, base) if switched[i] else (base, mine)
+        prompts.append(pairwise_messages(spec, instructions[i]["instruction"], first, second))
+    shown: dict[int, tuple[float, Any]] = {}
+    if getattr(judge, "kind", "") == "hf":
+        annotator = f"{spec.name}(hf:{judge.model})"
+        for i, (pref, raw) in zip(todo, _hf_preferences(judge, spec, prompts)):
+            shown[i] = (pref, raw)
     else:
-        raw = judge.complete(prompts)
-        position_prefs = [None if (p := parse_preference(c)) is None else float(p) for c in raw]
+        annotator = spec.name if model == spec.model else f"{spec.name}({model})"
+        replies = judge.chat([{"model": model, "messages": m, **spec.request} for m in prompts])
+        for i, reply in zip(todo, replies):
+            raw = reply.choice if spec.completion_key == "completions_all" else reply.text
+            shown[i] = (parse_completion(spec, reply.text, reply.choice), raw if not reply.failed else reply.error)
     annotations = []
-    for base, mine, swap, pref, completion in zip(instructions, model_outputs, swapped, position_prefs, raw):
-        if pref is None:
-            preference = math.nan
+    for i, (base, mine) in enumerate(zip(instructions, model_outputs)):
+        if i in shown:
+            pref, raw = shown[i]
+            # alpaca_eval's switch processor maps a switched preference back with 3 - x.
+            preference = 3.0 - pref if switched[i] and not math.isnan(pref) else pref
         else:
-            preference = 3.0 - pref if swap else pref  # map the shown position back to baseline=1 / model=2
+            preference, raw = 1.5, None
         annotations.append(
             {
                 "instruction": base["instruction"],
@@ -148,10 +255,10 @@ def judge_pairwise(
                 "dataset": base.get("dataset", "alpaca_eval"),
                 "output_2": mine["output"],
                 "generator_2": mine["generator"],
-                "annotator": f"{judge.kind}:{judge.model}:{EVALUATOR}",
+                "annotator": annotator,
                 "preference": preference,
-                "is_swapped": swap,
-                "raw_completion": completion,
+                "is_swapped": switched[i],
+                "raw_completion": raw,
                 "index": base.get("index"),
             }
         )
@@ -193,6 +300,23 @@ def _local_glm_inputs(df_gamed: str | Path | None, n_instructions: int) -> Itera
             glm_winrate.hf_hub_download = original
 
 
+def leaderboard_df_gamed() -> str | None:
+    """alpaca_eval's `df_gamed.csv` fetched the way alpaca_eval fetches it (hub dataset tatsu-lab/alpaca_eval),
+    or None when offline or unreachable (the caller then fits the minimal GLM and names it so)."""
+    from evals.official import is_offline
+
+    if is_offline():
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id="tatsu-lab/alpaca_eval", filename="df_gamed.csv", repo_type="dataset")
+    except Exception as exc:  # noqa: BLE001 - any failure means: no leaderboard GLM, say so, go on
+        log.warning("could not fetch alpaca_eval's df_gamed.csv (%s); set eval.lc_glm_df_gamed for the "
+                    "leaderboard's length_controlled_v1 GLM", exc)
+        return None
+
+
 def _lc_with_glm(df, glm_name: str, df_gamed: str | Path | None) -> tuple[float, float]:
     import sklearn
     from alpaca_eval.metrics.glm_winrate import get_length_controlled_winrate
@@ -231,7 +355,8 @@ def alpaca_metrics(
     """AlpacaEval metrics of one model's annotations (one generator_2), computed with alpaca_eval's code.
 
     LC win rate: from published GLM weights (`glm_weights`, see `lc_from_glm_weights`) when they hold
-    this model, else `length_controlled_v1` with `df_gamed`, else `length_controlled_minimal`.
+    this model, else `length_controlled_v1` with `df_gamed`, else `length_controlled_minimal`; None (with
+    `lc_method` "none") when no fit can be made.
     """
     from alpaca_eval.metrics import get_winrate
 
@@ -242,7 +367,7 @@ def alpaca_metrics(
     failures = len(df) - len(valid)
     if valid.empty:
         raise ValueError("no annotation has a preference; every judgment was unparseable")
-    head = get_winrate(valid)
+    head = get_winrate(df)  # drops unparseable rows itself, as in alpaca_eval's own evaluation
     model = str(df["generator_2"].iloc[0])
     lc: float | None = None
     lc_se: float | None = None
@@ -258,8 +383,16 @@ def alpaca_metrics(
         log.warning("all length differences are equal; the length-controlled GLM cannot be fitted")
     elif lc is None:
         glm = "length_controlled_v1" if df_gamed is not None else "length_controlled_minimal"
-        lc, lc_se = _lc_with_glm(valid, glm, df_gamed)
-        method = glm
+        # Fitted on the parseable rows, predicted over all rows (alpaca_eval's get_length_controlled_winrate).
+        fitted, fitted_se = _lc_with_glm(df, glm, df_gamed)
+        # All weights regularised to zero predict exactly 50%: the fit found nothing, which is not a 50% win rate.
+        if math.isfinite(fitted) and abs(fitted - 50.0) > 1e-6:
+            lc, method = fitted, glm
+            # The "standard error" is the spread of the predictions over instructions; the minimal GLM has no
+            # instruction term, so its spread is rounding noise, not an uncertainty.
+            lc_se = fitted_se if glm != "length_controlled_minimal" else None
+        else:
+            log.warning("the length-controlled GLM fit is degenerate (every weight zero, a flat 50%); no LC win rate")
     return AlpacaMetrics(
         win_rate=float(head["win_rate"]),
         standard_error=float(head["standard_error"]),

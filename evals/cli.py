@@ -65,8 +65,16 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from evals.run import evaluate_model, model_label
 
+    from evals.judges import JudgeError
+    from evals.official import OfficialDataError
+    from evals.sources import SourceError
+
     target = out or Path(cfg.workdir) / "eval" / model_label(model)
-    result = evaluate_model(cfg, model, target, dataset_dir=dataset_dir, base_model_path=base_model)
+    try:
+        result = evaluate_model(cfg, model, target, dataset_dir=dataset_dir, base_model_path=base_model)
+    except (JudgeError, OfficialDataError, SourceError) as exc:  # foreseeable: one message says what to do
+        _fail(str(exc))
+        return
     typer.echo(json.dumps(_clean(result.metrics), indent=2))
     typer.echo(f"report: {result.report_md}", err=True)
 

@@ -61,13 +61,55 @@ def render_prompts(tokenizer, conversations: Sequence[Sequence[Message]]) -> lis
     return ids
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+_SENTINEL = "\u2063ORPO-END-OF-REPLY\u2063"
+
+
+def end_of_turn_marker(tokenizer) -> str | None:
+    """The text the chat template writes right after an assistant reply (`<|im_end|>`, `</s>`, `<|eot_id|>`).
+
+    Found by rendering a reply with the template and reading what follows it up to the first whitespace;
+    None when the template writes nothing there.
+    """
+    from orpo.models import CHATML_TEMPLATE
+
+    template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}],
+            tokenize=False, chat_template=template,
+        )
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation has no marker to learn
+        return None
+    if _SENTINEL not in text:
+        return None
+    after = text.split(_SENTINEL, 1)[1].lstrip()
+    marker = after.split()[0] if after.split() else ""
+    return marker or None
+
+
+def _stop_ids(model, tokenizer, marker: str | None = None) -> list[int]:
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids = configured if isinstance(configured, list) else [configured]
     ids = [i for i in ids if i is not None]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
+    if marker:
+        # A marker that is one token (ChatML's <|im_end|> in a ChatML vocabulary) stops like EOS.
+        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(marker_ids) == 1 and marker_ids[0] not in ids:
+            ids.append(marker_ids[0])
     return ids
+
+
+def _reply_text(tokenizer, tokens: list[int], marker: str | None) -> str:
+    """The reply up to the end-of-turn marker, without it and without special tokens."""
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    if marker:
+        text = text.split(marker, 1)[0]
+    # Special tokens are removed after the cut, so a marker that is itself a special token still cuts.
+    for special in tokenizer.all_special_tokens:
+        text = text.replace(special, "")
+    return text.strip()
 
 
 def _count_new_tokens(row: list[int], stop_ids: set[int]) -> int:
@@ -104,7 +146,8 @@ def generate(
     if not conversations:
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop_ids = _stop_ids(model, tokenizer)
+    marker = end_of_turn_marker(tokenizer)
+    stop_ids = _stop_ids(model, tokenizer, marker)
     prompts = render_prompts(tokenizer, conversations)
     # Longest first: the first batch shows the worst-case memory right away.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -118,6 +161,8 @@ def generate(
         num_return_sequences=num_samples,
         pad_token_id=pad_id,
         eos_token_id=stop_ids,
+        # The turn also ends where the template's end-of-turn text appears, in however many tokens.
+        stop_strings=[marker] if marker else None,
         use_cache=True,
     )
     device = next(model.parameters()).device
@@ -145,12 +190,13 @@ def generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=gen_config,
+                    tokenizer=tokenizer,
                 )
             new = output[:, width:].tolist()
             for row, tokens in enumerate(new):
                 index = batch[row // num_samples]
                 count = _count_new_tokens(tokens, set(stop_ids))
-                text = tokenizer.decode(tokens[:count], skip_special_tokens=True).strip()
+                text = _reply_text(tokenizer, tokens[:count], marker)
                 results[index].append(Generation(text=text, new_tokens=count))
     finally:
         model.train(was_training)

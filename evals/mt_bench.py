@@ -1,10 +1,16 @@
-"""MT-Bench-style single-answer grading (1-10), scores per turn and category, and a radar chart.
+"""MT-Bench single-answer grading (1-10) exactly as FastChat's llm_judge runs it, scores per turn and category.
 
-Judge prompts come from a FastChat `judge_prompts.jsonl` (`single-v1`, `single-math-v1` with reference
-answers for math/reasoning/coding, and their `-multi-turn` variants for turn 2), or from the built-in
-prompts below, written for this project, when no file is given. Judgments are written in FastChat's
-single-grading format (`question_id, model, judge, user_prompt, judgment, score, turn, tstamp`), with
-score -1 for an unparseable judgment, exactly like FastChat, so `mt-bench-score` reads both.
+With FastChat's `judge_prompts.jsonl` (the official protocol): `single-v1` for turn 1, `single-v1-multi-turn`
+for turn 2, and `single-math-v1` / `single-math-v1-multi-turn` with the GPT-4 reference answers
+(`reference_answer/gpt-4.jsonl`) for math, reasoning and coding. The user prompt is the template filled
+with `str.format` (so braces inside answers are kept as they are), sent after the prompt's system message,
+with `n: 1`, `temperature: 0`, `max_tokens: 2048`. The rating is the first `[[x]]`, else the first `[x]`,
+read with `ast.literal_eval` and kept as it is; -1 when there is none, and a request that failed for good
+is recorded as FastChat's `$ERROR$` judgment with score -1. Judgments are FastChat's single-grading records
+(`question_id, model, judge, user_prompt, judgment, score, turn, tstamp`), so `show_result.py` reads them.
+
+`BUILTIN_PROMPTS`, written for this project, serve the offline demo's small local judge only; their
+numbers are never reported under MT-Bench's name.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ log = logging.getLogger(__name__)
 NEED_REFERENCE = ("math", "reasoning", "coding")
 _RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
+# FastChat's judge decoding (common.py run_judge_single for its OpenAI judges).
+JUDGE_REQUEST = {"n": 1, "temperature": 0, "max_tokens": 2048}
+API_ERROR_OUTPUT = "$ERROR$"
 
 _SCALE = (
     "Finish with your rating from 1 to 10 written exactly like this: [[rating]], for example [[6]]."
@@ -79,10 +88,10 @@ BUILTIN_NAMES = {
 }
 
 
-def parse_rating(judgment: str | None) -> float | None:
-    """The rating in `[[8]]` / `[[8.5]]`, else in `[8]` (FastChat's order); None when there is none.
+def parse_rating(judgment: str | None) -> float | int | None:
+    """The rating in the first `[[8]]` / `[[8.5]]`, else the first `[8]` (FastChat's patterns); None if none.
 
-    Like FastChat, the first match counts; a number outside 1-10 is treated as unparseable.
+    Like FastChat, the value is kept as `ast.literal_eval` reads it, also outside 1-10.
     """
     if not judgment:
         return None
@@ -90,17 +99,14 @@ def parse_rating(judgment: str | None) -> float | None:
     if not match:
         return None
     try:
-        rating = float(ast.literal_eval(match.group(1)))
+        return ast.literal_eval(match.group(1))
     except (ValueError, SyntaxError):
         return None
-    return rating if 1.0 <= rating <= 10.0 else None
 
 
-def _fill(template: str, values: dict[str, str]) -> str:
-    # Plain substitution: answers may hold braces that str.format would choke on.
-    for key, value in values.items():
-        template = template.replace("{" + key + "}", value)
-    return template
+def judgment_file_name(judge_model: str) -> str:
+    """FastChat's judgment file name for a judge model (`gpt-4_single.jsonl`), safe as a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", judge_model).strip("-") + "_single.jsonl"
 
 
 @dataclass
@@ -118,7 +124,11 @@ def grading_prompts(
     judge_prompts: dict[str, dict[str, Any]] | None = None,
     references: dict[int, list[str]] | None = None,
 ) -> list[GradingPrompt]:
-    """One grading prompt per answered turn (turn 1 and turn 2) of each question."""
+    """One grading prompt per answered turn (turn 1, and turn 2 for two-turn questions), FastChat's way.
+
+    With FastChat prompts, a math/reasoning/coding question without a reference answer is an error (FastChat
+    has one for each); with the built-in prompts it falls back to the question's own `reference`.
+    """
     prompts = []
     table = judge_prompts or BUILTIN_PROMPTS
     names = FASTCHAT_NAMES if judge_prompts else BUILTIN_NAMES
@@ -128,31 +138,34 @@ def grading_prompts(
         if not turns:
             continue
         with_ref = question["category"] in NEED_REFERENCE
-        reference = (references or {}).get(qid) or question.get("reference")
+        reference = (references or {}).get(qid)
+        if with_ref and not reference and judge_prompts:
+            raise ValueError(
+                f"MT-Bench question {qid} ({question['category']}) has no reference answer; FastChat grades it "
+                "with the GPT-4 reference: set eval.mt_bench_reference_answers to reference_answer/gpt-4.jsonl"
+            )
+        reference = reference or question.get("reference")
         if with_ref and not reference:
             log.warning("question %s (%s) has no reference answer; grading without", qid, question["category"])
             with_ref = False
-        for turn in range(1, min(len(turns), len(question["turns"]), 2) + 1):
+        kwargs: dict[str, str] = {}
+        if with_ref and reference:
+            kwargs = {"ref_answer_1": reference[0], "ref_answer_2": reference[1] if len(reference) > 1 else ""}
+        last_turn = 2 if len(question["turns"]) == 2 and len(turns) >= 2 else 1
+        for turn in range(1, last_turn + 1):
             name = names[(turn == 2, with_ref)]
             if name not in table:
                 raise ValueError(f"judge prompts have no {name!r} (FastChat judge_prompts.jsonl names)")
             record = table[name]
-            values = {
-                "question": question["turns"][0],
-                "answer": turns[0],
-                "question_1": question["turns"][0],
-                "answer_1": turns[0],
-            }
-            if turn == 2:
-                values.update(question_2=question["turns"][1], answer_2=turns[1])
-            if with_ref and reference:
-                values["ref_answer_1"] = reference[0]
-                if len(reference) > 1:
-                    values["ref_answer_2"] = reference[1]
-            messages = []
-            if record.get("system_prompt"):
-                messages.append({"role": "system", "content": record["system_prompt"]})
-            messages.append({"role": "user", "content": _fill(record["prompt_template"], values)})
+            if turn == 1:
+                user_prompt = record["prompt_template"].format(question=question["turns"][0], answer=turns[0], **kwargs)
+            else:
+                user_prompt = record["prompt_template"].format(
+                    question_1=question["turns"][0], question_2=question["turns"][1],
+                    answer_1=turns[0], answer_2=turns[1], **kwargs,
+                )
+            # FastChat's conversation for an OpenAI judge: the system message, then the user prompt.
+            messages = [{"role": "system", "content": record["system_prompt"]}, {"role": "user", "content": user_prompt}]
             prompts.append(GradingPrompt(question_id=qid, turn=turn, prompt_name=name, messages=messages))
     return prompts
 
@@ -164,15 +177,23 @@ def grade_answers(
     *,
     judge_prompts: dict[str, dict[str, Any]] | None = None,
     references: dict[int, list[str]] | None = None,
+    judge_model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Grade FastChat answer records; returns FastChat single-grading judgment records."""
+    """Grade FastChat answer records; returns FastChat single-grading judgment records.
+
+    An endpoint judge gets FastChat's request (`judge_model`, default the judge's model; n 1, temperature 0,
+    max_tokens 2048); a local hf judge generates with the prefill "Rating: [[" (a small model rarely
+    writes the format by itself).
+    """
     answers = {int(r["question_id"]): list(r["choices"][0]["turns"]) for r in answer_records}
     model_ids = {int(r["question_id"]): r.get("model_id", "model") for r in answer_records}
     prompts = grading_prompts(questions, answers, judge_prompts=judge_prompts, references=references)
-    # A small local judge rarely writes the [[rating]] format by itself; start its reply there.
-    prefill = "Rating: [[" if getattr(judge, "kind", "") == "hf" else None
-    completions = judge.complete([p.messages for p in prompts], prefill=prefill)
-    now = time.time()
+    name = judge_model or judge.model
+    if getattr(judge, "kind", "") == "hf":
+        completions = judge.complete([p.messages for p in prompts], prefill="Rating: [[")
+    else:
+        replies = judge.chat([{"model": name, "messages": p.messages, **JUDGE_REQUEST} for p in prompts])
+        completions = [API_ERROR_OUTPUT if r.failed else r.text for r in replies]
     judgments = []
     for prompt, completion in zip(prompts, completions):
         rating = parse_rating(completion)
@@ -180,12 +201,12 @@ def grade_answers(
             {
                 "question_id": prompt.question_id,
                 "model": model_ids[prompt.question_id],
-                "judge": [judge.model, prompt.prompt_name],
+                "judge": [name, prompt.prompt_name],
                 "user_prompt": prompt.messages[-1]["content"],
-                "judgment": completion or "",
+                "judgment": completion if completion is not None else API_ERROR_OUTPUT,
                 "score": -1 if rating is None else rating,
                 "turn": prompt.turn,
-                "tstamp": now,
+                "tstamp": time.time(),
             }
         )
     return judgments

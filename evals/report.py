@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evals.protocols import describe_metric
+
 
 @dataclass
 class Report:
@@ -21,6 +23,7 @@ class Report:
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     charts: list[Path] = field(default_factory=list)
+    protocols: dict[str, str] = field(default_factory=dict)  # metric prefix -> protocol description
 
 
 def _clean(value: Any) -> Any:
@@ -46,8 +49,11 @@ def render_markdown(report: Report) -> str:
     lines = [f"# Evaluation of `{report.model}`", ""]
     if report.notes:
         lines += [*(f"- {note}" for note in report.notes), ""]
-    lines += ["## Headline metrics", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_fmt(value)} |" for name, value in sorted(report.metrics.items())]
+    lines += ["## Headline metrics", "", "| metric | value | protocol |", "|---|---|---|"]
+    lines += [
+        f"| {name} | {_fmt(value)} | {report.protocols.get(name.split('/', 1)[0]) or describe_metric(name)} |"
+        for name, value in sorted(report.metrics.items())
+    ]
     for name, section in report.sections.items():
         lines += ["", f"## {name}", ""]
         scalars = {k: v for k, v in section.items() if not isinstance(v, (dict, list))}
@@ -74,6 +80,7 @@ def write_report(report: Report, out_dir: str | Path) -> tuple[Path, Path]:
         "metrics": report.metrics,
         "sections": report.sections,
         "notes": report.notes,
+        "protocols": report.protocols,
         "charts": [c.name for c in report.charts],
     }
     json_path.write_text(json.dumps(_clean(payload), indent=2, ensure_ascii=False), encoding="utf-8")

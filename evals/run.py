@@ -6,9 +6,15 @@
                             dataset_dir="runs/data/demo")
     result.metrics["alpaca/win_rate"], result.report_md
 
-Suites (config.eval.suites): alpaca, mtbench, diversity, preference, lm-eval. Files written to `out_dir`:
-model_outputs.json + annotations.json (AlpacaEval formats), model_answer.jsonl + model_judgment.jsonl
-(FastChat formats), preference_margins.json (per pair), diversity_samples.json, report.json, report.md and PNG charts.
+Suites (config.eval.suites): alpaca, mtbench, diversity, preference, lm-eval. Files written to `out_dir`,
+in the layouts the official tools read unchanged: `model_outputs.json` + `annotations.json` (AlpacaEval),
+`model_answer/<model_id>.jsonl` + `model_judgment/<judge model>_single.jsonl` (FastChat, e.g.
+`model_judgment/gpt-4_single.jsonl`), then preference_margins.json (per pair), diversity_samples.json,
+report.json, report.md and PNG charts.
+
+Metric names say which protocol produced them (`evals.protocols`): `alpaca_eval2/...` and `mt_bench/...`
+only for the official protocols on the official data; `EvalResult.protocols` and report.json's
+`protocols` map each prefix to its description (the registry tags the MLflow run with them).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class EvalResult:
     report_md: Path
     charts: list[Path]
     metrics: dict[str, float] = field(default_factory=dict)
+    protocols: dict[str, str] = field(default_factory=dict)  # metric prefix -> protocol description
 
 
 def model_label(spec: str) -> str:
@@ -100,8 +107,10 @@ class _Evaluation:
         self.sections: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
         self.charts: list[Path] = []
+        self.protocols: dict[str, str] = {}
         self._judge = None
         self._alpaca_rows: list[dict[str, Any]] | None = None
+        self._alpaca_official = False
         self.model, self.tokenizer = _load(config, model_spec)
 
     @property
@@ -113,75 +122,128 @@ class _Evaluation:
             self._judge = build_judge(self.ev.judge, api_key=self.api_key, cache_dir=cache)
         return self._judge
 
+    def _data(self, configured: str | None, official) -> tuple[str, bool]:
+        """The configured source (else the cached official file) and whether it is the official file."""
+        from evals.official import is_official, resolve
+
+        source = resolve(configured, official, self.ev.data_cache_dir)
+        local = Path(source)
+        return source, (is_official(local, official) if local.is_file() else False)
+
     def alpaca_rows(self) -> list[dict[str, Any]]:
+        from evals.official import ALPACA_EVAL_BASELINE
         from evals.sources import load_alpaca_eval
 
         if self._alpaca_rows is None:
-            self._alpaca_rows = load_alpaca_eval(self.ev.alpaca_source, limit=self.ev.alpaca_limit, seed=self.ev.seed)
+            source, self._alpaca_official = self._data(self.ev.alpaca_source, ALPACA_EVAL_BASELINE)
+            self._alpaca_rows = load_alpaca_eval(source, limit=self.ev.alpaca_limit, seed=self.ev.seed)
         return self._alpaca_rows
 
     def run_alpaca(self) -> None:
-        from evals.alpaca import EVALUATOR, alpaca_metrics, judge_pairwise
+        from evals.alpaca import alpaca_metrics, judge_pairwise, leaderboard_df_gamed, load_evaluator, protocol_kwargs
         from evals.generate import generate_alpaca_outputs, write_json
+        from evals.protocols import LC_MINIMAL, LC_OFFICIAL, alpaca_protocol
 
         rows = self.alpaca_rows()
+        evaluator = load_evaluator(self.ev.alpaca_evaluator)
+        judge = self.judge
+        annotator = self.ev.judge.alpaca_annotator_model if judge.kind == "openai" else judge.model
+        protocol = alpaca_protocol(
+            judge_kind=judge.kind, evaluator=evaluator.name, annotator_model=annotator, custom_prompt=False,
+            # The official file has 805 instructions and the 80 questions; a limit below that is a subset.
+            official_data=self._alpaca_official, subset=len(rows) < 805,
+        )
         outputs = generate_alpaca_outputs(
             self.model, self.tokenizer, rows, generator=self.label, max_new_tokens=self.ev.max_new_tokens,
             batch_size=self.ev.batch_size, seed=self.ev.seed, progress=self.progress,
         )
         write_json(outputs, self.out / "model_outputs.json")
-        annotations = judge_pairwise(self.judge, rows, outputs, seed=self.ev.seed)
+        annotations = judge_pairwise(judge, rows, outputs, **{**protocol_kwargs(self.ev), "evaluator": evaluator})
         write_json(annotations, self.out / "annotations.json")
-        result = alpaca_metrics(annotations, df_gamed=self.ev.lc_glm_df_gamed)
+        # The leaderboard's LC GLM needs df_gamed.csv: the configured file, else alpaca_eval's own download.
+        df_gamed = self.ev.lc_glm_df_gamed or (leaderboard_df_gamed() if protocol.official else None)
+        result = alpaca_metrics(annotations, df_gamed=df_gamed)
         values = result.as_dict()
-        self.metrics.update(_finite({f"alpaca/{k}": v for k, v in values.items()
+        prefix = protocol.prefix
+        lc_name = LC_OFFICIAL if result.lc_method == "length_controlled_v1" else LC_MINIMAL
+        renamed = {"length_controlled_winrate": lc_name, "lc_standard_error": f"{lc_name}_standard_error"}
+        self.metrics.update(_finite({f"{prefix}/{renamed.get(k, k)}": v for k, v in values.items()
                                      if k not in ("lc_method", "n_parse_failures")}))
-        self.metrics["alpaca/parse_failures"] = float(result.n_parse_failures)
+        self.metrics[f"{prefix}/parse_failures"] = float(result.n_parse_failures)
+        self.protocols[prefix] = protocol.description
         self.sections["AlpacaEval"] = {
             **values,
-            "evaluator_template": f"alpaca_eval evaluators_configs/{EVALUATOR}",
-            "judge": f"{self.judge.kind}:{self.judge.model}",
+            "protocol": protocol.description,
+            "metric_prefix": prefix,
+            "evaluator": f"alpaca_eval evaluators_configs/{evaluator.name}",
+            "judge": f"{judge.kind}:{annotator}",
             "n_swapped": sum(a["is_swapped"] for a in annotations),
         }
-        self.notes.append(
-            f"AlpacaEval length-controlled win rate: GLM `{result.lc_method}`"
-            + (" (offline: length and baseline terms only, not the leaderboard's length_controlled_v1)"
-               if result.lc_method == "length_controlled_minimal" else "")
-        )
+        self.notes.append(f"`{prefix}/*`: {protocol.description}")
+        if result.lc_method == "none":
+            self.notes.append("AlpacaEval length-controlled win rate: not reported (the GLM could not be fitted)")
+        elif result.lc_method != "length_controlled_v1":
+            self.notes.append(
+                f"`{prefix}/{LC_MINIMAL}`: alpaca_eval's length_controlled_minimal GLM (length and baseline terms "
+                "only, offline), not the leaderboard's length_controlled_v1 (set eval.lc_glm_df_gamed for that)"
+            )
 
     def run_mtbench(self) -> None:
         from evals.generate import generate_mt_bench_answers, write_jsonl
-        from evals.mt_bench import grade_answers, mt_bench_scores, radar_chart
-        from evals.sources import (
-            load_judge_prompts,
-            load_mt_bench_questions,
-            load_reference_answers,
-        )
+        from evals.mt_bench import grade_answers, judgment_file_name, mt_bench_scores, radar_chart
+        from evals.official import MT_BENCH_JUDGE_PROMPTS, MT_BENCH_QUESTIONS, MT_BENCH_REFERENCES
+        from evals.protocols import mt_bench_protocol
+        from evals.sources import load_judge_prompts, load_mt_bench_questions, load_reference_answers
 
-        questions = load_mt_bench_questions(self.ev.mt_bench_questions, limit=self.ev.mt_bench_limit,
-                                            seed=self.ev.seed)
+        question_source, official_questions = self._data(self.ev.mt_bench_questions, MT_BENCH_QUESTIONS)
+        questions = load_mt_bench_questions(question_source, limit=self.ev.mt_bench_limit, seed=self.ev.seed)
+        # A small local judge defaults to the project's short prompts; an endpoint judge to FastChat's.
+        builtin = self.ev.mt_bench_judge_prompts == "builtin" or (
+            self.ev.mt_bench_judge_prompts is None and self.ev.judge.kind == "hf"
+        )
+        prompts, fastchat_prompts = None, False
+        if not builtin:
+            prompt_source, fastchat_prompts = self._data(self.ev.mt_bench_judge_prompts, MT_BENCH_JUDGE_PROMPTS)
+            prompts = load_judge_prompts(prompt_source)
+        if self.ev.mt_bench_reference_answers or not builtin:
+            reference_source, official_references = self._data(self.ev.mt_bench_reference_answers, MT_BENCH_REFERENCES)
+            references = load_reference_answers(reference_source)
+        else:
+            references, official_references = {}, False
+        judge = self.judge
+        judge_model = self.ev.judge.mt_bench_judge_model if judge.kind == "openai" else judge.model
+        protocol = mt_bench_protocol(
+            judge_kind=judge.kind, judge_model=judge_model, fastchat_prompts=fastchat_prompts,
+            official_questions=official_questions, official_references=official_references,
+            subset=len(questions) < 80,
+        )
         answers = generate_mt_bench_answers(
             self.model, self.tokenizer, questions, model_id=self.label, max_new_tokens=self.ev.max_new_tokens,
             batch_size=self.ev.batch_size, seed=self.ev.seed, progress=self.progress,
         )
-        write_jsonl(answers, self.out / "model_answer.jsonl")
-        prompts = load_judge_prompts(self.ev.mt_bench_judge_prompts) if self.ev.mt_bench_judge_prompts else None
-        references = load_reference_answers(self.ev.mt_bench_reference_answers)
-        judgments = grade_answers(self.judge, questions, answers, judge_prompts=prompts, references=references)
-        write_jsonl(judgments, self.out / "model_judgment.jsonl")
+        write_jsonl(answers, self.out / "model_answer" / f"{self.label}.jsonl")
+        judgments = grade_answers(judge, questions, answers, judge_prompts=prompts, references=references,
+                                  judge_model=judge_model if judge.kind == "openai" else None)
+        # FastChat names the file after the judge model; a local judge's spec may be a path, so its short name.
+        file_judge = judge_model if judge.kind == "openai" else model_label(judge_model)
+        write_jsonl(judgments, self.out / "model_judgment" / judgment_file_name(file_judge))
         scores = mt_bench_scores(judgments, questions)
+        prefix = protocol.prefix
         self.metrics.update(_finite({
-            "mt_bench/score": scores.score,
-            "mt_bench/turn_1": scores.turn_1,
-            "mt_bench/turn_2": scores.turn_2,
-            "mt_bench/parse_failures": scores.parse_failures,
-            **{f"mt_bench/category/{c}": v for c, v in scores.categories.items()},
+            f"{prefix}/score": scores.score,
+            f"{prefix}/turn_1": scores.turn_1,
+            f"{prefix}/turn_2": scores.turn_2,
+            f"{prefix}/parse_failures": scores.parse_failures,
+            **{f"{prefix}/category/{c}": v for c, v in scores.categories.items()},
         }))
+        self.protocols[prefix] = protocol.description
         self.sections["MT-Bench"] = {
             **scores.as_dict(),
-            "judge_prompts": self.ev.mt_bench_judge_prompts or "built-in",
-            "judge": f"{self.judge.kind}:{self.judge.model}",
+            "protocol": protocol.description,
+            "metric_prefix": prefix,
+            "judge": f"{judge.kind}:{judge_model}",
         }
+        self.notes.append(f"`{prefix}/*`: {protocol.description}")
         finite = {c: v for c, v in scores.categories.items() if math.isfinite(v)}
         if finite:
             self.charts.append(radar_chart({self.label: finite}, self.out / "mt_bench_radar.png"))
@@ -301,12 +363,16 @@ def evaluate_model(
             elif suite == "lm-eval":
                 run.run_lm_eval()
         if run._judge is not None:
-            run.sections["Judge"] = {"kind": run._judge.kind, "model": run._judge.model, **run._judge.stats.as_dict()}
+            judge_cfg = config.eval.judge
+            models = ({"alpaca_annotator_model": judge_cfg.alpaca_annotator_model,
+                       "mt_bench_judge_model": judge_cfg.mt_bench_judge_model, "base_url": judge_cfg.base_url}
+                      if run._judge.kind == "openai" else {"model": run._judge.model})
+            run.sections["Judge"] = {"kind": run._judge.kind, **models, **run._judge.stats.as_dict()}
         run.summary_chart()
         report = Report(model=model_path, metrics=dict(sorted(run.metrics.items())), sections=run.sections,
-                        notes=run.notes, charts=run.charts)
+                        notes=run.notes, charts=run.charts, protocols=dict(run.protocols))
         json_path, md_path = write_report(report, out)
     finally:
         run.close()
     return EvalResult(report_dir=out, report_json=json_path, report_md=md_path, charts=list(run.charts),
-                      metrics=dict(report.metrics))
+                      metrics=dict(report.metrics), protocols=dict(report.protocols))

@@ -1,7 +1,7 @@
 """Evaluation inputs: AlpacaEval instructions + baseline outputs, MT-Bench questions, judge prompts.
 
-Each loader takes a local file (the upstream formats, see ../shared/data/README.md) or, for users online,
-the hub source:
+Each loader takes a local file (the upstream formats, see ../shared/data/README.md); when none is configured
+the evaluation passes the official file at its pinned revision (`evals.official`). Hub sources also work:
 - AlpacaEval: `tatsu-lab/alpaca_eval` is read as a plain data file through `hf_hub_download`
   (`alpaca_eval_gpt4_baseline.json`, the AlpacaEval 2.0 instructions with the GPT-4 Turbo baseline), never
   through the repository's dataset script, which `datasets>=4` no longer runs;

@@ -259,7 +259,7 @@ def run_command(
 
 # Headline metrics for the before/after table, in the order a reader scans them.
 _HEADLINE = (
-    "preference/accuracy", "preference/margin", "alpaca/win_rate", "alpaca/length_controlled_winrate",
+    "preference/accuracy", "preference/margin", "alpaca_eval2/win_rate", "alpaca_eval2/length_controlled_winrate",
     "mt_bench/score", "mt_bench/turn_1", "mt_bench/turn_2", "diversity/distinct_2", "diversity/self_bleu",
 )
 
@@ -268,17 +268,21 @@ def _print_summary(summary, ui_command: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"Pipeline run {summary.run_name}", show_lines=False)
-    table.add_column("metric")
+    table.add_column("metric", overflow="fold")  # the name says the protocol: never cut it short
     table.add_column("before (start model)", justify="right")
     table.add_column("after (ORPO)", justify="right")
     table.add_column("change", justify="right")
+    table.add_column("protocol")
+    from evals.protocols import describe_metric
+
     names = [n for n in _HEADLINE if n in summary.metrics]
     names += sorted(n for n in summary.metrics if n not in names and "/category/" not in n)
     for name in names:
         after = summary.metrics[name]
         before = summary.base_metrics.get(name)
         change = "" if before is None else f"{after - before:+.3f}"
-        table.add_row(name, "" if before is None else f"{before:.3f}", f"{after:.3f}", change)
+        table.add_row(name, "" if before is None else f"{before:.3f}", f"{after:.3f}", change,
+                      describe_metric(name, short=True))
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.data_counts.items()))
     console.print(f"data: {summary.dataset_dir} ({counts}; fingerprint {summary.data_fingerprint[:12]})")

@@ -24,13 +24,31 @@ log = logging.getLogger(__name__)
 
 KEY_METRICS = (
     "mt_bench/score",
-    "alpaca/win_rate",
-    "alpaca/length_controlled_winrate",
+    "alpaca_eval2/win_rate",
+    "alpaca_eval2/length_controlled_winrate",
     "preference/accuracy",
     "preference/margin",
 )
-WIN_RATE_METRICS = ("alpaca/win_rate", "alpaca/length_controlled_winrate")
-MT_BENCH_CATEGORY_PREFIX = "mt_bench/category/"
+# Judge-based metrics carry their protocol in the name's prefix (evals.protocols): `alpaca_eval2/win_rate`
+# on the leaderboard's protocol, `alpaca_local_judge/win_rate` with a local judge, and so on. A table shows
+# each protocol's numbers in their own column, never one protocol's number as another's.
+_JUDGE_METRIC = re.compile(
+    r"^(?:alpaca[a-z0-9_]*/(?:win_rate|length_controlled_winrate|lc_minimal_glm_winrate)|mt_bench[a-z0-9_]*/score)$"
+)
+_MT_BENCH_CATEGORY = re.compile(r"^mt_bench[a-z0-9_]*/category/")
+_WIN_RATE = re.compile(r"^alpaca[a-z0-9_]*/")
+
+
+def key_metrics(metric_names) -> list[str]:
+    """The key metrics to tabulate for versions that logged `metric_names`: the official names first, then
+    every other protocol's judge-based numbers under their own names."""
+    names = set(metric_names)
+    others = sorted(n for n in names if _JUDGE_METRIC.match(n) and n not in KEY_METRICS)
+    return [*KEY_METRICS, *others]
+
+
+def win_rate_metrics(frame: pandas.DataFrame) -> list[str]:
+    return [c for c in frame.columns if _WIN_RATE.match(c) and _JUDGE_METRIC.match(c)]
 DELTA_PREFIX = "delta "
 _LINEAGE_TAGS = ("finetune", "base_model", "data_fingerprint", "config_hash", "git_commit", "gate.decision",
                  "gate.champion_version")
@@ -96,6 +114,7 @@ def compare_versions(
         versions = sorted({str(v.version) for v in client.search_model_versions(f"name = '{name}'")},
                           key=_version_order)
     rows = []
+    seen_metrics: set[str] = set()
     for version in versions:
         try:
             model_version = client.get_model_version(name, str(version))
@@ -106,11 +125,12 @@ def compare_versions(
         row["run_id"] = model_version.run_id
         for tag in _LINEAGE_TAGS:
             row[tag] = model_version.tags.get(tag, "")
+        seen_metrics.update(metrics)
+        for metric, value in metrics.items():
+            if _JUDGE_METRIC.match(metric) or _MT_BENCH_CATEGORY.match(metric):
+                row[metric] = value
         for metric in KEY_METRICS:
             row[metric] = metrics.get(metric, math.nan)
-        for metric, value in metrics.items():
-            if metric.startswith(MT_BENCH_CATEGORY_PREFIX):
-                row[metric] = value
         row.update(gate_columns(dict(model_version.tags)))
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -119,7 +139,8 @@ def compare_versions(
     frame = frame.set_index("version")
     champion = next((v for v, names in aliases.items() if ALIAS_CHAMPION in names), None)
     champion_metrics = version_metrics(client, name, champion) if champion else {}
-    for metric in KEY_METRICS:
+    frame.attrs["key_metrics"] = key_metrics(seen_metrics)
+    for metric in frame.attrs["key_metrics"]:
         reference = champion_metrics.get(metric, math.nan)
         frame[DELTA_PREFIX + metric] = frame[metric] - reference
     if out_png is not None:
@@ -138,7 +159,7 @@ def plot_comparison(frame: pandas.DataFrame, out_png: str | Path, title: str = "
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     labels = [f"v{v}" + (f" ({frame.loc[v, 'aliases']})" if frame.loc[v, "aliases"] else "") for v in frame.index]
-    categories = sorted(c for c in frame.columns if c.startswith(MT_BENCH_CATEGORY_PREFIX))
+    categories = sorted(c for c in frame.columns if _MT_BENCH_CATEGORY.match(c))
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 1.4]})
 
     if categories:
@@ -147,7 +168,7 @@ def plot_comparison(frame: pandas.DataFrame, out_png: str | Path, title: str = "
         for i, version in enumerate(frame.index):
             values = [frame.loc[version, c] for c in categories]
             left.bar(x + (i - (len(frame) - 1) / 2) * width, np.nan_to_num(values, nan=0.0), width, label=labels[i])
-        left.set_xticks(x, [c[len(MT_BENCH_CATEGORY_PREFIX):] for c in categories], rotation=30, ha="right")
+        left.set_xticks(x, [c.replace("/category/", ": ").removeprefix("mt_bench: ") for c in categories], rotation=30, ha="right")
         left.set_ylim(0, 10)
         left.set_ylabel("score (1-10)")
         left.legend(fontsize="small")
@@ -155,14 +176,14 @@ def plot_comparison(frame: pandas.DataFrame, out_png: str | Path, title: str = "
         left.text(0.5, 0.5, "no MT-Bench category scores", ha="center", va="center", transform=left.transAxes)
     left.set_title("MT-Bench by category")
 
-    present = [m for m in WIN_RATE_METRICS if m in frame.columns and frame[m].notna().any()]
+    present = [m for m in win_rate_metrics(frame) if frame[m].notna().any()]
     if present:
         x = np.arange(len(frame))
         width = 0.8 / len(present)
         for i, metric in enumerate(present):
             values = frame[metric].to_numpy(dtype=float)
             bars = right.bar(x + (i - (len(present) - 1) / 2) * width, np.nan_to_num(values, nan=0.0), width,
-                             label=metric.split("/", 1)[1])
+                             label=metric)
             right.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values], fontsize="small")
         right.set_xticks(x, labels, rotation=30, ha="right")
         right.set_ylabel("win rate (%)")

@@ -229,17 +229,42 @@ class RegistryConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    kind: Literal["hf", "openai"] = Field("hf", description="hf: a local transformers model; openai: any endpoint.")
-    model: str = Field(
-        "builtin:smollm2-135m-instruct", description="Judge model: endpoint model name, or a model spec for hf."
+    kind: Literal["hf", "openai"] = Field(
+        "hf",
+        description="hf: a local transformers model (numbers are logged under non-official names); openai: any "
+        "OpenAI-compatible endpoint, judged with the official AlpacaEval 2.0 and MT-Bench protocols.",
     )
-    base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="The hf judge's model spec (hub id, directory, builtin:...). Endpoint judges take their model "
+        "names from alpaca_annotator_model and mt_bench_judge_model.",
+    )
+    alpaca_annotator_model: str = Field(
+        "gpt-4-1106-preview",
+        description="Endpoint model that annotates AlpacaEval (the leaderboard's GPT-4 Turbo annotator).",
+    )
+    mt_bench_judge_model: str = Field(
+        "gpt-4", description="Endpoint model that grades MT-Bench (FastChat's default judge)."
+    )
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. https://api.openai.com/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
     api_key_secret: str | None = Field(None, description="Prefect Secret block holding the API key (flows only).")
-    max_concurrency: int = Field(4, gt=0)
-    timeout_s: float = Field(60.0, gt=0.0)
-    max_retries: int = Field(5, ge=0)
-    max_new_tokens: int = Field(512, gt=0)
+    max_concurrency: int = Field(4, gt=0, description="Judge requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0.0, description="Seconds one judge request may take before it is retried.")
+    max_retries: int = Field(5, ge=0, description="Retries per item of 408/409/429/5xx, timeouts, bad bodies.")
+    backoff_base_s: float = Field(1.0, gt=0.0, description="First retry waits up to this long (full jitter).")
+    backoff_cap_s: float = Field(30.0, gt=0.0, description="Longest wait between retries (Retry-After may exceed).")
+    max_failure_fraction: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Fail the evaluation when more than this share of judge items failed for good (recorded "
+        "as $ERROR$ otherwise, like FastChat).",
+    )
+    down_after: int = Field(
+        4, gt=0, description="Connection failures before any success after which the judge counts as down."
+    )
+    max_new_tokens: int = Field(
+        512, gt=0, description="hf judge: tokens per judgment (endpoint judges use each protocol's own limit)."
+    )
     cache_dir: str | None = Field(None, description="On-disk judgment cache (default: <workdir>/judge-cache).")
 
 
@@ -247,14 +272,33 @@ class EvalConfig(_Section):
     suites: list[Literal["alpaca", "mtbench", "diversity", "preference", "lm-eval"]] = Field(
         default_factory=lambda: ["alpaca", "mtbench", "diversity", "preference"]
     )
-    alpaca_source: str = Field(
-        "tatsu-lab/alpaca_eval", description="AlpacaEval instructions + baseline outputs: a json file or the hub id."
+    alpaca_source: str | None = Field(
+        None,
+        description="AlpacaEval instructions + gpt4_1106_preview baseline outputs (a JSON file, or a hub dataset "
+        "id); default: the official file at a pinned revision, downloaded once and cached.",
     )
-    mt_bench_questions: str = Field(
-        "HuggingFaceH4/mt_bench_prompts", description="MT-Bench questions: FastChat question.jsonl or the hub id."
+    alpaca_evaluator: str = Field(
+        "weighted_alpaca_eval_gpt4_turbo",
+        description="alpaca_eval evaluator config (prompt, decoding, parser) read from the installed package.",
     )
-    mt_bench_judge_prompts: str | None = Field(None, description="FastChat judge_prompts.jsonl (default: built-in).")
-    mt_bench_reference_answers: str | None = Field(None, description="FastChat reference answers jsonl.")
+    mt_bench_questions: str | None = Field(
+        None,
+        description="MT-Bench questions: FastChat question.jsonl or a hub dataset id; default: the official file "
+        "at a pinned revision, downloaded once and cached.",
+    )
+    mt_bench_judge_prompts: str | None = Field(
+        None,
+        description="FastChat judge_prompts.jsonl; default: the official file (pinned, cached) for an openai "
+        "judge, the project's short prompts ('builtin', never reported as MT-Bench) for an hf judge.",
+    )
+    mt_bench_reference_answers: str | None = Field(
+        None,
+        description="FastChat reference_answer/gpt-4.jsonl (GPT-4 answers for math/reasoning/coding); default: "
+        "the official file (pinned, cached).",
+    )
+    data_cache_dir: str | None = Field(
+        None, description="Where downloaded official evaluation data is kept (default: ~/.cache/orpo-pipeline)."
+    )
     alpaca_limit: int | None = Field(None, gt=0, description="Evaluate a seeded subset of this many instructions.")
     mt_bench_limit: int | None = Field(None, gt=0, description="Evaluate a seeded subset of this many questions.")
     lc_glm_df_gamed: str | None = Field(

@@ -11,9 +11,11 @@ Two modes (`registry.gate.mode`):
   ties on every prompt, so it is never promoted.
 - `threshold`: the older point-estimate rules, `decide`, over two flat metric dicts:
   - MT-Bench:  challenger `mt_bench/score` >= champion's + `min_mt_bench_delta`
-  - AlpacaEval: challenger `alpaca/win_rate` >= champion's - `max_win_rate_drop` (points)
+  - AlpacaEval: challenger `alpaca_eval2/win_rate` >= champion's - `max_win_rate_drop` (points)
   - preference: challenger `preference/accuracy` >= champion's - `max_preference_accuracy_drop`
   each skipped when either side lacks the metric (unless `require_metrics`); at least one must be compared.
+  A judge-based number is compared only with the champion's number of the same protocol (its name's prefix:
+  `alpaca_local_judge/win_rate` with `alpaca_local_judge/win_rate`, never with `alpaca_eval2/win_rate`).
 
 With no champion, the first version that passes (it has the required metrics, when they are required)
 becomes champion. `promote` is the MLflow side: it reads both versions' evaluation files from their runs,
@@ -40,9 +42,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MT_BENCH_SCORE = "mt_bench/score"
-ALPACA_WIN_RATE = "alpaca/win_rate"
+ALPACA_WIN_RATE = "alpaca_eval2/win_rate"
 PREFERENCE_ACCURACY = "preference/accuracy"
 GATED_METRICS = (MT_BENCH_SCORE, ALPACA_WIN_RATE, PREFERENCE_ACCURACY)
+# Judge-based metrics are named by the protocol that produced them (evals.protocols: `alpaca_eval2/win_rate`
+# official, `alpaca_local_judge/win_rate`, `mt_bench_other_judge/score`, ...). A threshold rule compares a
+# number only with the champion's number of the same protocol: (family prefix, metric leaf) per rule.
+_PROTOCOL_FAMILIES = {MT_BENCH_SCORE: ("mt_bench", "score"), ALPACA_WIN_RATE: ("alpaca", "win_rate")}
 
 # Scores come back through float parsing and JSON; an exact tie must not fail on a last-bit difference.
 _TOLERANCE = 1e-9
@@ -107,6 +113,18 @@ def _rules(gate: GateConfig) -> list[_Rule]:
     ]
 
 
+def protocol_metric_names(metric: str, *metric_dicts: dict[str, float] | None) -> list[str]:
+    """The names `metric` goes by in these metric dicts, one per protocol (itself when none is present)."""
+    if metric not in _PROTOCOL_FAMILIES:
+        return [metric]
+    family, leaf = _PROTOCOL_FAMILIES[metric]
+    names = {
+        name for metrics in metric_dicts if metrics for name in metrics
+        if name.count("/") == 1 and name.startswith(family) and name.endswith("/" + leaf)
+    }
+    return sorted(names) or [metric]
+
+
 def _value(metrics: dict[str, float] | None, name: str) -> float | None:
     if not metrics or name not in metrics or metrics[name] is None:
         return None
@@ -131,26 +149,28 @@ def decide(
         return GateDecision(promoted, reason, challenger_version, champion_version, compared)
 
     if champion is None:
-        missing = [name for name in GATED_METRICS if _value(challenger, name) is None]
+        missing = [name for metric in GATED_METRICS for name in protocol_metric_names(metric, challenger)
+                   if _value(challenger, name) is None]
         if gate.require_metrics and missing:
             return verdict(False, f"no champion yet, but the challenger lacks required metrics: {', '.join(missing)}")
         return verdict(True, "no champion yet: the first passing version becomes champion")
 
     for rule in _rules(gate):
-        mine, theirs = _value(challenger, rule.metric), _value(champion, rule.metric)
-        if mine is None or theirs is None:
-            missing.append(rule.metric)
-            continue
-        passed = mine >= theirs + rule.offset - _TOLERANCE
-        compared[rule.metric] = {
-            "challenger": mine,
-            "champion": theirs,
-            "delta": mine - theirs,
-            "rule": rule.text,
-            "passed": passed,
-        }
-        if not passed:
-            failures.append(f"{rule.metric} {mine:g} vs champion {theirs:g} (needs {rule.text})")
+        for name in protocol_metric_names(rule.metric, challenger, champion):
+            mine, theirs = _value(challenger, name), _value(champion, name)
+            if mine is None or theirs is None:
+                missing.append(name)
+                continue
+            passed = mine >= theirs + rule.offset - _TOLERANCE
+            compared[name] = {
+                "challenger": mine,
+                "champion": theirs,
+                "delta": mine - theirs,
+                "rule": rule.text,
+                "passed": passed,
+            }
+            if not passed:
+                failures.append(f"{name} {mine:g} vs champion {theirs:g} (needs {rule.text})")
 
     if gate.require_metrics and missing:
         return verdict(False, f"missing metrics on the challenger or the champion: {', '.join(missing)}")
@@ -324,6 +344,7 @@ def _head_to_head(client, config: PipelineConfig, name: str, challenger: str, ch
                   judge, api_key: str | None, start_report_dir: str | Path | None) -> GateDecision:
     import tempfile
 
+    from evals.alpaca import protocol_kwargs
     from orpo.gate_plots import summary_chart
     from orpo.head_to_head import compare_evaluations, model_estimates
 
@@ -342,7 +363,8 @@ def _head_to_head(client, config: PipelineConfig, name: str, challenger: str, ch
     with tempfile.TemporaryDirectory(prefix="orpo-gate-") as tmp:
         theirs = download_evaluation(client, name, champion, Path(tmp) / "champion")
         mine = download_evaluation(client, name, challenger, Path(tmp) / "challenger")
-        result = compare_evaluations(theirs, mine, get_judge, metrics=gate.gated_metrics, **stats)
+        result = compare_evaluations(theirs, mine, get_judge, metrics=gate.gated_metrics,
+                                     protocol=protocol_kwargs(config.eval), **stats)
         decision = decide_head_to_head(result, gate, challenger_version=challenger, champion_version=champion)
         start = model_estimates(mine, start_model=True, **stats)
         if start_report_dir is not None:

@@ -174,11 +174,13 @@ def judge_head_to_head(
     pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
     *,
     seed: int = 0,
+    protocol: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """AlpacaEval annotations, champion = output_1, challenger = output_2 (preference 2 = challenger wins).
 
     Identical outputs are ties (1.5) and never reach the judge; `get_judge` is called only when some pair
-    differs, so two identical models cost no judge at all.
+    differs, so two identical models cost no judge at all. `protocol`: `judge_pairwise` keyword arguments
+    (`evals.alpaca.protocol_kwargs(config.eval)`), so the pairs are judged as the evaluation judges its own.
     """
     from evals.alpaca import judge_pairwise
 
@@ -188,7 +190,7 @@ def judge_head_to_head(
         judged = judge_pairwise(
             get_judge(), [pairs[i][0] for i in differing],
             [{**pairs[i][1], "generator": pairs[i][1].get("generator", "challenger")} for i in differing],
-            seed=seed,
+            **(protocol if protocol is not None else {"seed": seed}),
         )
         for i, annotation in zip(differing, judged):
             annotations[i] = annotation
@@ -310,8 +312,11 @@ def compare_evaluations(
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    protocol: dict[str, Any] | None = None,
 ) -> HeadToHead:
-    """Every requested paired difference between two evaluation directories' files."""
+    """Every requested paired difference between two evaluation directories' files.
+
+    `protocol`: how the head-to-head pairs are judged (`judge_head_to_head`)."""
     result = HeadToHead()
     for metric in metrics:
         found: Difference | str | None
@@ -324,7 +329,7 @@ def compare_evaluations(
                 if not pairs:
                     found = "the champion and the challenger answered no AlpacaEval instruction in common"
                 else:
-                    result.annotations = judge_head_to_head(get_judge, pairs, seed=seed)
+                    result.annotations = judge_head_to_head(get_judge, pairs, seed=seed, protocol=protocol)
                     found = win_rate_difference(result.annotations, confidence=confidence,
                                                 n_resamples=n_resamples, seed=seed)
                     if found is None:

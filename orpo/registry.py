@@ -71,6 +71,8 @@ TAG_REGISTRATION_KEY = "registration_key"
 # Evaluation metrics shown as version tags (and in the description); the rest stay on the run.
 HEADLINE_METRICS = (
     "mt_bench/score",
+    "alpaca_eval2/win_rate",
+    "alpaca_eval2/length_controlled_winrate",
     "alpaca/win_rate",
     "alpaca/length_controlled_winrate",
     "preference/accuracy",
@@ -805,6 +807,11 @@ def log_evaluation(
         client.log_batch(version.run_id, metrics=batch[start : start + 1000])
     if report_dir is not None and Path(report_dir).is_dir():
         client.log_artifacts(version.run_id, str(report_dir), "evaluation")
+        # Which protocol produced each metric prefix (evals.protocols), as run tags next to the numbers.
+        report = Path(report_dir) / "report.json"
+        protocols = json.loads(report.read_text(encoding="utf-8")).get("protocols", {}) if report.is_file() else {}
+        for prefix, description in protocols.items():
+            client.set_tag(version.run_id, f"eval.protocol.{prefix}", str(description)[:5000])
     for key in HEADLINE_METRICS:
         if key in clean:
             client.set_model_version_tag(version.name, version.version, EVAL_TAG_PREFIX + key, f"{clean[key]:.4g}")

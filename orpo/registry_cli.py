@@ -100,12 +100,13 @@ def compare(
     table.add_column("version", justify="right")
     table.add_column("aliases")
     table.add_column("finetune")
-    for metric in KEY_METRICS:
+    metrics = frame.attrs.get("key_metrics", list(KEY_METRICS))
+    for metric in metrics:
         table.add_column(metric, justify="right")
         table.add_column("delta", justify="right")
     for version, row in frame.iterrows():
         cells = [str(version), row["aliases"], str(row["finetune"])]
-        for metric in KEY_METRICS:
+        for metric in metrics:
             cells += [_format(row[metric]), _format(row[DELTA_PREFIX + metric], signed=True)]
         table.add_row(*cells)
     console.print(table)

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from evals.protocols import describe_metric
 from evals.run import EvalResult, evaluate_model
 from orpo.config import PipelineConfig
 
@@ -33,7 +34,9 @@ def evaluate(config: PipelineConfig, model_path: str, out_dir: Path, dataset_dir
                             api_key=judge_api_key(config), progress=False)
     create_table_artifact(
         key=f"evaluation-{label}".lower(),
-        table=[{"metric": name, "value": round(value, 4)} for name, value in sorted(result.metrics.items())],
+        table=[{"metric": name, "value": round(value, 4),
+                "protocol": result.protocols.get(name.split("/", 1)[0]) or describe_metric(name)}
+               for name, value in sorted(result.metrics.items())],
         description=f"Evaluation of the {label} ({model_path})",
     )
     return result

@@ -24,6 +24,21 @@ class LongerAnswerJudge:
         self.calls += len(prompts)
         return [self._choose(prompt[-1]["content"]) for prompt in prompts]
 
+    def chat(self, requests, check=True):
+        """Chat-completions replies as an endpoint sends them, with the top logprobs alpaca_eval parses."""
+        from evals.judges import JudgeReply
+
+        self.calls += len(requests)
+        replies = []
+        for request in requests:
+            token = self._choose(request["messages"][-1]["content"])
+            other = {"m": "M", "M": "m"}.get(token)
+            top = [{"token": token, "logprob": 0.0}] + ([{"token": other, "logprob": -1000.0}] if other else [])
+            choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": token},
+                      "logprobs": {"content": [{"token": token, "logprob": 0.0, "top_logprobs": top}]}}
+            replies.append(JudgeReply(token, choice))
+        return replies
+
     def _choose(self, text):
         shown = []
         for output in self.outputs:  # longest first: a shorter output inside a longer one is skipped
@@ -43,6 +58,9 @@ class NoJudge:
     model = "none"
 
     def complete(self, prompts, prefill=None, **_):
+        raise AssertionError("identical outputs must not reach the judge")
+
+    def chat(self, requests, check=True):
         raise AssertionError("identical outputs must not reach the judge")
 
 

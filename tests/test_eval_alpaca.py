@@ -13,9 +13,11 @@ from evals.alpaca import (
     _package_leaderboard,
     alpaca_metrics,
     judge_pairwise,
-    parse_preference,
-    swap_orders,
+    load_evaluator,
+    parse_completion,
+    switched_orders,
 )
+from evals.judges import JudgeReply
 from evals.cli import app
 
 ANNOTATED = ["alpaca-7b", "Qwen-14B-Chat"]
@@ -80,22 +82,50 @@ def test_minimal_glm_runs_offline_and_writes_nothing_to_site_packages(shared_dat
     annotations = json.loads((shared_data / "alpaca_eval" / "annotations" / "alpaca-7b.json").read_text())
     result = alpaca_metrics(annotations)
     assert result.lc_method == "length_controlled_minimal"
-    assert 0.0 < result.length_controlled_winrate < 100.0
+    assert 0.0 < result.length_controlled_winrate < 100.0 and result.length_controlled_winrate != 50.0
+    assert result.lc_standard_error is None  # no instruction term: its prediction spread is rounding noise
     assert weights_dir.exists() == existed
+    # Preferences unrelated to length: every weight regularised to zero would read as a flat 50; no LC instead.
+    import random
+
+    rng = random.Random(0)
+    for annotation in annotations:
+        annotation["preference"] = rng.choice([1.0, 2.0])
+    noise = alpaca_metrics(annotations)
+    assert noise.length_controlled_winrate is None and noise.lc_method == "none"
+
+
+def _choice(first: float, second: float, token: str = "m") -> dict:
+    """A chat-completions choice whose top logprobs give the two identifiers these probabilities."""
+    tops = [{"token": "m", "logprob": math.log(first)}, {"token": "M", "logprob": math.log(second)}]
+    return {"index": 0, "message": {"role": "assistant", "content": token},
+            "logprobs": {"content": [{"token": token, "logprob": tops[0]["logprob"], "top_logprobs": tops}]}}
 
 
 @pytest.mark.parametrize(
-    "text, expected",
-    [("Output (a)", 1), ("Output (b)", 2), ("\nOutput (b) is better", 2), ("I like neither", None), ("", None)],
+    "first, second, expected",
+    [(0.9, 0.1, 1.1), (0.25, 0.75, 1.75), (0.5, 0.5, 1.5), (0.6, 0.2, 2 - 0.75)],
 )
-def test_parse_preference(text, expected):
-    assert parse_preference(text) == expected
+def test_logprob_preference_is_alpaca_evals(first, second, expected):
+    evaluator = load_evaluator()
+    assert parse_completion(evaluator, "m", _choice(first, second)) == pytest.approx(expected)
 
 
-def test_swap_orders_is_seeded_and_balanced():
-    orders = swap_orders(400, seed=3)
-    assert orders == swap_orders(400, seed=3)
-    assert orders != swap_orders(400, seed=4)
+def test_unparseable_completions_are_nan():
+    evaluator = load_evaluator()
+    no_ids = _choice(0.5, 0.5)
+    no_ids["logprobs"]["content"][0]["top_logprobs"] = [{"token": "Both", "logprob": -0.1}]
+    assert math.isnan(parse_completion(evaluator, "Both", no_ids))
+    assert math.isnan(parse_completion(evaluator, None, None))
+
+
+def test_switched_orders_are_alpaca_evals_seeded_choice():
+    from alpaca_eval.utils import random_seeded_choice
+
+    instructions = [f"instruction {i}" for i in range(400)]
+    orders = switched_orders(instructions, seed=0)
+    assert orders == [random_seeded_choice("is_switched_outputs" + i + "0", [False, True]) for i in instructions]
+    assert orders != switched_orders(instructions, seed=1)
     assert 150 < sum(orders) < 250
 
 
@@ -106,11 +136,11 @@ class _FirstPositionJudge:
     model = "first"
 
     def __init__(self):
-        self.prompts = []
+        self.requests = []
 
-    def complete(self, prompts, prefill=None):
-        self.prompts.extend(prompts)
-        return ["Output (a)" for _ in prompts]
+    def chat(self, requests, check=True):
+        self.requests.extend(requests)
+        return [JudgeReply(text="m", choice=_choice(0.99, 0.01)) for _ in requests]
 
 
 def test_randomized_order_cancels_position_bias_and_is_recorded():
@@ -118,16 +148,25 @@ def test_randomized_order_cancels_position_bias_and_is_recorded():
     mine = [{"instruction": f"q{i}", "output": f"mine{i}", "generator": "me"} for i in range(40)]
     judge = _FirstPositionJudge()
     annotations = judge_pairwise(judge, rows, mine, seed=1)
-    for annotation, prompt in zip(annotations, judge.prompts):
-        shown = prompt[-1]["content"]
+    for annotation, request in zip(annotations, judge.requests):
+        shown = request["messages"][-1]["content"]
         first_is_model = shown.index(annotation["output_2"]) < shown.index(annotation["output_1"])
         assert first_is_model == annotation["is_swapped"]
         # The first-shown output wins, mapped back to AlpacaEval's baseline=1 / model=2.
-        assert annotation["preference"] == (2.0 if annotation["is_swapped"] else 1.0)
+        assert annotation["preference"] == pytest.approx(1.99 if annotation["is_swapped"] else 1.01)
     swapped = sum(a["is_swapped"] for a in annotations)
     assert 0 < swapped < 40
     metrics = alpaca_metrics(annotations)
     assert metrics.n_wins == swapped and metrics.n_wins_base == 40 - swapped
+
+
+def test_identical_outputs_are_ties_without_a_request():
+    rows = [{"instruction": f"q{i}", "output": f"same{i}" if i < 2 else f"b{i}", "generator": "base"} for i in range(4)]
+    mine = [{"instruction": f"q{i}", "output": f"same{i}" if i < 2 else f"m{i}", "generator": "me"} for i in range(4)]
+    judge = _FirstPositionJudge()
+    annotations = judge_pairwise(judge, rows, mine, seed=0)
+    assert [a["preference"] for a in annotations[:2]] == [1.5, 1.5]
+    assert len(judge.requests) == 2
 
 
 def test_unparseable_judgments_are_counted_not_guessed():
@@ -135,10 +174,12 @@ def test_unparseable_judgments_are_counted_not_guessed():
     mine = [{"instruction": f"q{i}", "output": "m", "generator": "me"} for i in range(12)]
 
     class Mumbler(_FirstPositionJudge):
-        def complete(self, prompts, prefill=None):
-            return ["Output (a)" if i % 3 else "hmm" for i in range(len(prompts))]
+        def chat(self, requests, check=True):
+            return [JudgeReply(text="m", choice=_choice(0.9, 0.1)) if i % 3 else JudgeReply(text=None, error="x")
+                    for i in range(len(requests))]
 
     annotations = judge_pairwise(Mumbler(), rows, mine, seed=0)
     assert sum(math.isnan(a["preference"]) for a in annotations) == 4
     metrics = alpaca_metrics(annotations)
     assert metrics.n_parse_failures == 4 and metrics.n_total == 8
+    assert metrics.length_controlled_winrate is None and metrics.lc_method == "none"  # no LC from 8 rows

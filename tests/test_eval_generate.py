@@ -73,3 +73,34 @@ def test_alpaca_source_errors_name_the_record(tmp_path):
 def test_shared_alpaca_eval_file_loads(shared_data):
     rows = load_alpaca_eval(str(shared_data / "alpaca_eval" / "gpt4_1106_preview_outputs.json"), limit=32, seed=0)
     assert len(rows) == 32 and all(r["generator"] == "gpt4_1106_preview" for r in rows)
+
+
+def test_end_of_turn_marker_comes_from_the_chat_template(tiny_model_and_tokenizer):
+    from evals.generate import end_of_turn_marker
+
+    _, tokenizer = tiny_model_and_tokenizer
+    assert end_of_turn_marker(tokenizer) == "<|im_end|>"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
+    )
+    assert end_of_turn_marker(tokenizer) == "</s>"
+
+
+def test_generation_stops_at_the_end_of_turn_and_never_saves_it(tiny_model_and_tokenizer, monkeypatch):
+    """A reply that runs past its turn end (marker in several tokens, no EOS) is cut where the turn ends."""
+    import torch
+
+    model, tokenizer = tiny_model_and_tokenizer
+    continuation = tokenizer("Hello there<|im_end|>\n<|im_start|>user\nAn invented turn", add_special_tokens=False)
+    seen = {}
+
+    def fake_generate(input_ids, attention_mask, generation_config, tokenizer=None):
+        seen.update(stop_strings=generation_config.stop_strings, eos=generation_config.eos_token_id, tok=tokenizer)
+        tail = torch.tensor([continuation["input_ids"]] * input_ids.shape[0])
+        return torch.cat([input_ids, tail], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    [[reply]] = generate(model, tokenizer, CONVERSATIONS[:1], max_new_tokens=64)
+    assert reply.text == "Hello there"
+    assert seen["stop_strings"] == ["<|im_end|>"] and seen["tok"] is tokenizer

@@ -2,79 +2,32 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import sys
+from pathlib import Path
 
 import pytest
 
-from evals.judges import HFJudge, JudgeCache, JudgeRejected, OpenAIJudge, backoff_delay
+sys.path.insert(0, str(Path(__file__).parent))
+from test_eval_judge_server import JudgeServer, answer_for  # noqa: E402
+
+from evals.judges import HFJudge, JudgeCache, JudgeError, JudgeRejected, OpenAIJudge, backoff_delay  # noqa: E402
 
 SECRET = "sk-test-do-not-log"
 
 
-class _Server:
-    """A loopback chat-completions endpoint that fails some requests.
+# A prompt ending in digit i fails its first attempts with these statuses: question 0 once with 429,
+# question 1 with 429 then 500, question 2 never (by i % 3).
+FAILURES = ((429,), (429, 500), ())
 
-    A prompt ending in digit i fails its first attempts with the statuses FAILURES[i % 3]: question 0
-    once with 429, question 1 with 429 then 500, question 2 never.
-    """
 
-    FAILURES = ((429,), (429, 500), ())
+def _planned(content, attempt):
+    planned = FAILURES[int(content[-1]) % 3] if content[-1].isdigit() else ()
+    return planned[attempt] if attempt < len(planned) else None
 
-    def __init__(self, status_always=None):
-        self.calls = 0
-        self.attempts = {}
-        self.auth = []
-        self.lock = threading.Lock()
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep the test output quiet
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.calls += 1
-                    outer.auth.append(self.headers.get("Authorization"))
-                    content = body["messages"][-1]["content"]
-                    attempt = outer.attempts.get(content, 0)
-                    outer.attempts[content] = attempt + 1
-                planned = outer.FAILURES[int(content[-1]) % 3] if content[-1].isdigit() else ()
-                status = status_always or (planned[attempt] if attempt < len(planned) else None)
-                if status is not None and self.path.endswith("/chat/completions"):
-                    self.send_response(status)
-                    if status == 429:
-                        self.send_header("Retry-After", "0")
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "try later"}')
-                    return
-                reply = "echo: " + body["messages"][-1]["content"]
-                payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}],
-                           "model": body["model"]}
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def _Server(status_always=None):
+    return JudgeServer(faults=(lambda content, attempt: status_always) if status_always else _planned)
 
 
 def _judge(url, tmp_path, **kwargs):
@@ -90,17 +43,17 @@ def test_openai_judge_retries_flaky_server_then_hits_cache(tmp_path, caplog):
     with _Server() as server:
         judge = _judge(server.url, tmp_path)
         first = judge.complete(prompts)
-        assert first == [f"echo: question {i}" for i in range(9)]
-        failed = server.calls - 9
+        assert first == [answer_for({"messages": p})["message"]["content"] for p in prompts]
+        failed = len(server.bodies) - 9
         assert failed == 3 * 1 + 3 * 2  # the planned 429/500 answers, each retried
         assert judge.stats.retries == failed
-        assert judge.stats.requests == server.calls
+        assert judge.stats.requests == len(server.bodies)
         assert judge.stats.failures == 0 and judge.stats.cache_hits == 0
         assert set(server.auth) == {f"Bearer {SECRET}"}
-        calls_before = server.calls
+        calls_before = len(server.bodies)
         again = _judge(server.url, tmp_path)  # a new run, same cache directory
         assert again.complete(prompts) == first
-        assert server.calls == calls_before
+        assert len(server.bodies) == calls_before
         assert again.stats.cache_hits == 9 and again.stats.requests == 0
     assert SECRET not in caplog.text and SECRET not in repr(judge)
 
@@ -108,9 +61,12 @@ def test_openai_judge_retries_flaky_server_then_hits_cache(tmp_path, caplog):
 def test_openai_judge_gives_up_after_max_retries_and_counts_failure(tmp_path):
     with _Server(status_always=503) as server:
         judge = _judge(server.url, tmp_path, max_retries=2, cache_dir=None)
-        assert judge.complete([[{"role": "user", "content": "q"}]]) == [None]
-        assert server.calls == 3
+        [reply] = judge.chat([{"messages": [{"role": "user", "content": "q"}]}], check=False)
+        assert reply.failed and "gave up after 3 attempts" in reply.error and "HTTP 503" in reply.error
+        assert len(server.bodies) == 3
         assert judge.stats.failures == 1 and judge.stats.retries == 2
+        with pytest.raises(JudgeError, match="1 of 1 judge requests"):  # over judge.max_failure_fraction
+            judge.complete([[{"role": "user", "content": "q"}]])
 
 
 def test_openai_judge_does_not_retry_auth_errors(tmp_path):
@@ -118,7 +74,7 @@ def test_openai_judge_does_not_retry_auth_errors(tmp_path):
         judge = _judge(server.url, tmp_path, cache_dir=None)
         with pytest.raises(JudgeRejected, match="401"):
             judge.complete([[{"role": "user", "content": "q"}]])
-        assert server.calls == 1
+        assert len(server.bodies) == 1
 
 
 def test_backoff_grows_exponentially_and_is_capped():
@@ -130,11 +86,12 @@ def test_backoff_grows_exponentially_and_is_capped():
     assert max(draws[2]) > 2.0  # jitter spreads over the whole window
 
 
-def test_cache_key_depends_on_model_and_prompt():
-    messages = [{"role": "user", "content": "x"}]
-    assert JudgeCache.key("a", messages) == JudgeCache.key("a", list(messages))
-    assert JudgeCache.key("a", messages) != JudgeCache.key("b", messages)
-    assert JudgeCache.key("a", messages) != JudgeCache.key("a", [{"role": "user", "content": "y"}])
+def test_cache_key_depends_on_every_request_field():
+    body = {"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+    assert JudgeCache.key(body) == JudgeCache.key(dict(reversed(list(body.items()))))
+    assert JudgeCache.key(body) != JudgeCache.key({**body, "model": "b"})
+    assert JudgeCache.key(body) != JudgeCache.key({**body, "max_tokens": 6})
+    assert JudgeCache.key(body) != JudgeCache.key({**body, "messages": [{"role": "user", "content": "y"}]})
 
 
 def test_hf_judge_on_tiny_model(tiny_model_and_tokenizer, tmp_path):

@@ -37,7 +37,7 @@ SAMPLE_QUESTIONS = "data/samples/eval/mt_bench_questions.jsonl"
         ("[[10]]", 10.0),
         ("no rating here", None),
         ("Rating: [[eight]]", None),
-        ("Rating: [[42]]", None),  # outside 1-10
+        ("Rating: [[42]]", 42),  # FastChat keeps what literal_eval reads, also outside 1-10
         ("", None),
         (None, None),
     ],
@@ -98,13 +98,29 @@ def test_fastchat_prompts_use_references_for_math(shared_data):
     assert references[111][1] in math_turn_2 and "m2" in math_turn_2 and "{" + "answer_2}" not in math_turn_2
 
 
+def test_fastchat_prompts_are_filled_with_str_format(shared_data):
+    """An answer holding a placeholder's text reaches the judge unchanged (FastChat fills with str.format)."""
+    data = shared_data / "mt_bench"
+    table = load_judge_prompts(data / "judge_prompts.jsonl")
+    question = next(q for q in load_mt_bench_questions(str(data / "question.jsonl")) if q["question_id"] == 81)
+    answers = {81: ["Turn one mentions {answer_2} and {question}.", "Second {ref_answer_1} turn"]}
+    prompts = grading_prompts([question], answers, judge_prompts=table)
+    turn_2 = prompts[1]
+    expected = table["single-v1-multi-turn"]["prompt_template"].format(
+        question_1=question["turns"][0], question_2=question["turns"][1],
+        answer_1=answers[81][0], answer_2=answers[81][1])
+    assert turn_2.messages == [{"role": "system", "content": table["single-v1-multi-turn"]["system_prompt"]},
+                               {"role": "user", "content": expected}]
+    assert "Turn one mentions {answer_2} and {question}." in turn_2.messages[1]["content"]
+
+
 def test_builtin_prompts_grade_and_count_failures():
     questions = load_mt_bench_questions(SAMPLE_QUESTIONS)
     answers = [{"question_id": q["question_id"], "model_id": "m", "choices": [{"index": 0, "turns": ["x", "y"]}]}
                for q in questions]
 
     class Judge:
-        kind, model = "openai", "fake"
+        kind, model = "hf", "fake"
 
         def complete(self, prompts, prefill=None):
             return ["Good. Rating: [[7]]" if i % 4 else "no idea" for i in range(len(prompts))]

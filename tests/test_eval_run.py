@@ -87,20 +87,27 @@ def test_evaluate_model_end_to_end_with_hf_judge(tiny_model_dir, tmp_path):
     result = evaluate_model(config, str(tiny_model_dir), out, dataset_dir=dataset_dir,
                             base_model_path=str(tiny_model_dir), progress=False)
     metrics = result.metrics
-    assert metrics["alpaca/n_total"] == 12 and 0.0 <= metrics["alpaca/win_rate"] <= 100.0
-    judgments = [json.loads(line) for line in (out / "model_judgment.jsonl").read_text().splitlines()]
+    # A local judge on sample data: numbers under self-explaining, non-leaderboard names.
+    assert not any(name.startswith(("alpaca/", "alpaca_eval2/", "mt_bench/")) for name in metrics)
+    assert metrics["alpaca_local_judge/n_total"] == 12 and 0.0 <= metrics["alpaca_local_judge/win_rate"] <= 100.0
+    judgment_file = out / "model_judgment" / f"{Path(str(tiny_model_dir)).name}_single.jsonl"
+    judgments = [json.loads(line) for line in judgment_file.read_text().splitlines()]
     assert len(judgments) == 6  # 3 questions x 2 turns
-    assert metrics["mt_bench/parse_failures"] == sum(j["score"] == -1 for j in judgments)
+    assert metrics["mt_bench_local_judge/parse_failures"] == sum(j["score"] == -1 for j in judgments)
     assert {"diversity/distinct_1", "diversity/distinct_2", "diversity/self_bleu"} <= set(metrics)
     # Same weights for model and base: identical preference results.
     assert metrics["preference/accuracy"] == metrics["preference/base_accuracy"]
     assert metrics["preference/margin"] == pytest.approx(metrics["preference/base_margin"])
     report = json.loads(result.report_json.read_text())
     assert report["metrics"] == pytest.approx(metrics)
-    if "alpaca/length_controlled_winrate" in metrics:  # labelled with the GLM it came from
-        assert "length_controlled_minimal" in result.report_md.read_text()
-    for name in ("model_outputs.json", "annotations.json", "model_answer.jsonl", "model_judgment.jsonl"):
-        assert (out / name).is_file(), name
+    assert set(report["protocols"]) == {"alpaca_local_judge", "mt_bench_local_judge"} == set(result.protocols)
+    markdown = result.report_md.read_text()
+    assert "| metric | value | protocol |" in markdown and "local hf judge" in markdown
+    assert "alpaca_local_judge/length_controlled_winrate" not in metrics  # never the leaderboard's LC name
+    label = result.report_dir.joinpath("model_answer")
+    for path in (out / "model_outputs.json", out / "annotations.json", judgment_file):
+        assert path.is_file(), path
+    assert len(list(label.glob("*.jsonl"))) == 1
     assert result.charts and all(c.read_bytes()[:4] == b"\x89PNG" for c in result.charts)
     annotations = json.loads((out / "annotations.json").read_text())
     assert all(isinstance(a["is_swapped"], bool) for a in annotations)

@@ -15,17 +15,17 @@ from test_registry_helpers import fake_version
 from orpo.config import GateConfig, PipelineConfig
 from orpo.gate import GATED_METRICS, decide, promote
 
-CHAMPION = {"mt_bench/score": 6.0, "alpaca/win_rate": 12.0, "preference/accuracy": 0.70}
+CHAMPION = {"mt_bench/score": 6.0, "alpaca_eval2/win_rate": 12.0, "preference/accuracy": 0.70}
 
 
 def test_win_promotes_and_reports_every_delta():
-    challenger = {"mt_bench/score": 6.5, "alpaca/win_rate": 13.5, "preference/accuracy": 0.72}
+    challenger = {"mt_bench/score": 6.5, "alpaca_eval2/win_rate": 13.5, "preference/accuracy": 0.72}
     decision = decide(challenger, CHAMPION, GateConfig(), challenger_version="2", champion_version="1")
     assert decision.promoted, decision.reason
     assert (decision.challenger_version, decision.champion_version) == ("2", "1")
     assert set(decision.compared) == set(GATED_METRICS)
     assert decision.compared["mt_bench/score"]["delta"] == pytest.approx(0.5)
-    assert decision.compared["alpaca/win_rate"]["delta"] == pytest.approx(1.5)
+    assert decision.compared["alpaca_eval2/win_rate"]["delta"] == pytest.approx(1.5)
     assert decision.compared["preference/accuracy"]["champion"] == 0.70
     assert all(entry["passed"] for entry in decision.compared.values())
 
@@ -36,7 +36,7 @@ def test_loss_on_mt_bench_is_rejected_and_named():
     assert not decision.promoted
     assert "mt_bench/score" in decision.reason
     assert decision.compared["mt_bench/score"]["passed"] is False
-    assert decision.compared["alpaca/win_rate"]["passed"] is True
+    assert decision.compared["alpaca_eval2/win_rate"]["passed"] is True
 
 
 def test_tie_passes_at_zero_delta_and_fails_when_a_margin_is_required():
@@ -50,11 +50,23 @@ def test_tie_passes_at_zero_delta_and_fails_when_a_margin_is_required():
     assert decide({**CHAMPION, "mt_bench/score": 6.25}, CHAMPION, strict).promoted
 
 
+def test_numbers_of_different_protocols_are_never_compared():
+    """A local-judge win rate is no evidence against the leaderboard protocol's, however they differ."""
+    challenger = {"alpaca_local_judge/win_rate": 90.0, "preference/accuracy": 0.70}
+    champion = {"alpaca_eval2/win_rate": 10.0, "preference/accuracy": 0.70}
+    decision = decide(challenger, champion, GateConfig())
+    assert set(decision.compared) == {"preference/accuracy"}
+    assert "alpaca_local_judge/win_rate" in decision.reason and "alpaca_eval2/win_rate" in decision.reason
+    same = decide({**challenger, "alpaca_local_judge/win_rate": 40.0}, {**challenger, "alpaca_eval2/win_rate": 1.0},
+                  GateConfig())
+    assert not same.promoted and same.compared["alpaca_local_judge/win_rate"]["delta"] == pytest.approx(-50.0)
+
+
 def test_win_rate_may_drop_by_at_most_epsilon():
     gate = GateConfig(max_win_rate_drop=1.0)
-    assert decide({**CHAMPION, "mt_bench/score": 6.4, "alpaca/win_rate": 11.0}, CHAMPION, gate).promoted
-    decision = decide({**CHAMPION, "mt_bench/score": 6.4, "alpaca/win_rate": 10.9}, CHAMPION, gate)
-    assert not decision.promoted and "alpaca/win_rate" in decision.reason
+    assert decide({**CHAMPION, "mt_bench/score": 6.4, "alpaca_eval2/win_rate": 11.0}, CHAMPION, gate).promoted
+    decision = decide({**CHAMPION, "mt_bench/score": 6.4, "alpaca_eval2/win_rate": 10.9}, CHAMPION, gate)
+    assert not decision.promoted and "alpaca_eval2/win_rate" in decision.reason
 
 
 def test_preference_accuracy_may_not_drop_by_default():
@@ -69,7 +81,7 @@ def test_no_champion_promotes_the_first_passing_version():
     assert decision.promoted and decision.champion_version is None and "no champion" in decision.reason
     required = GateConfig(require_metrics=True)
     refused = decide({"mt_bench/score": 1.0}, None, required)
-    assert not refused.promoted and "alpaca/win_rate" in refused.reason
+    assert not refused.promoted and "alpaca_eval2/win_rate" in refused.reason
     assert decide(dict(CHAMPION), None, required).promoted
 
 
@@ -80,7 +92,7 @@ def test_missing_metrics_are_skipped_unless_required():
     assert "skipped" in decision.reason
     assert not decide(partial, CHAMPION, GateConfig(require_metrics=True)).promoted
     # NaN is no measurement.
-    assert set(decide({**partial, "alpaca/win_rate": float("nan")}, CHAMPION, GateConfig()).compared) == {
+    assert set(decide({**partial, "alpaca_eval2/win_rate": float("nan")}, CHAMPION, GateConfig()).compared) == {
         "mt_bench/score"
     }
 
@@ -115,13 +127,13 @@ def test_promote_moves_the_champion_alias_and_records_the_decision(tmp_path):
         return RegisteredVersion(name, number, run_id, f"models:/{name}/{number}", True)
 
     assert champion_uri(config) is None
-    first = version({"mt_bench/score": 5.0, "alpaca/win_rate": 10.0})
+    first = version({"mt_bench/score": 5.0, "alpaca_eval2/win_rate": 10.0})
     decision = promote(config, first)
     assert decision.promoted and decision.champion_version is None
     assert champion_uri(config) == f"models:/{name}@champion"
     assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
 
-    worse = version({"mt_bench/score": 5.05, "alpaca/win_rate": 10.0})  # below the required +0.1
+    worse = version({"mt_bench/score": 5.05, "alpaca_eval2/win_rate": 10.0})  # below the required +0.1
     decision = promote(config, worse)
     assert not decision.promoted and decision.champion_version == first.version
     assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
@@ -134,7 +146,7 @@ def test_promote_moves_the_champion_alias_and_records_the_decision(tmp_path):
     assert "fail" in tags["gate.delta.mt_bench/score"]
     assert "Gate: rejected" in client.get_model_version(name, worse.version).description
 
-    better = version({"mt_bench/score": 5.5, "alpaca/win_rate": 9.5})
+    better = version({"mt_bench/score": 5.5, "alpaca_eval2/win_rate": 9.5})
     decision = promote(config, better)
     assert decision.promoted, decision.reason
     assert str(client.get_model_version_by_alias(name, "champion").version) == better.version
