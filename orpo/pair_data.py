@@ -23,6 +23,12 @@ def check_dataset(dataset_dir: Path):
         splits = datasets.load_from_disk(str(dataset_dir))
     except FileNotFoundError as exc:
         raise ConfigError(f"{dataset_dir} is not a dataset saved with save_to_disk ({exc})") from exc
+    except (IndexError, ValueError, OSError) as exc:
+        # datasets cannot load a split that save_to_disk wrote without a data file (an empty one).
+        raise ConfigError(
+            f"{dataset_dir} could not be loaded ({type(exc).__name__}: {exc}); an empty split saved without a "
+            "data file fails like this: prepare the dataset again with `orpo data binarize`"
+        ) from exc
     if not isinstance(splits, datasets.DatasetDict) or "train" not in splits:
         raise ConfigError(f"{dataset_dir} must hold a DatasetDict with a 'train' split (and optionally 'test')")
     train = splits["train"]

@@ -312,3 +312,45 @@ def test_bad_inputs_are_clear_errors(tiny_model_dir, toy_dataset, tmp_path):
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ConfigError, match="adamw_8bit needs the bitsandbytes package"):
             train(toy_config(tmp_path, tiny_model_dir, optimizer="adamw_8bit"), toy_dataset, tmp_path / "out")
+
+
+def test_dataset_is_checked_before_anything_is_built(tiny_model_dir, tmp_path):
+    """An empty train split or missing columns stop in one message, and leave no output directory behind."""
+    from datasets import Dataset, DatasetDict
+
+    from orpo.config import ConfigError
+    from orpo.train import train
+
+    empty = tmp_path / "empty"
+    test = Dataset.from_list(toy_pairs(2, seed=0))
+    DatasetDict({"train": test.select([]), "test": test}).save_to_disk(str(empty))
+    _add_empty_shard(empty / "train", test.features)  # as orpo.data.binarize writes 0 pairs
+    with pytest.raises(ConfigError, match=r"the train split of .*empty is empty: nothing to train on"):
+        train(toy_config(tmp_path, tiny_model_dir), empty, tmp_path / "out")
+    columns = tmp_path / "columns"
+    DatasetDict({"train": Dataset.from_list([{"prompt": "hi", "answer": "hello"}])}).save_to_disk(str(columns))
+    with pytest.raises(ConfigError, match=r"has no chosen, rejected column"):
+        train(toy_config(tmp_path, tiny_model_dir), columns, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_setup_leaves_no_checkpoints_dir(tiny_model_dir, toy_dataset, tmp_path):
+    from orpo.config import ConfigError
+    from orpo.train import train
+
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        train(toy_config(tmp_path, tiny_model_dir, per_device_batch_size=512), toy_dataset, tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def _add_empty_shard(split_dir: Path, features) -> None:
+    """save_to_disk writes no data file for an empty split; give it one with the schema and no rows."""
+    import pyarrow as pa
+
+    name = "data-00000-of-00001.arrow"
+    with pa.ipc.new_stream(str(split_dir / name), features.arrow_schema):
+        pass
+    state = json.loads((split_dir / "state.json").read_text())
+    state["_data_files"] = [{"filename": name}]
+    (split_dir / "state.json").write_text(json.dumps(state))
+
