@@ -8,9 +8,9 @@ Run it:
 
 (`orpo train` calls `train()` in-process; configs/accelerate/*.yaml document one command per setup.)
 
-Life cycle, in `ORPORecipe`: `setup()` builds the accelerator, then the model, optimizer, data and schedule
-(each from its own config slice), prepares them, and resumes from the latest checkpoint of the output
-directory; `train()` runs the loop; `export()` writes the Hugging Face model directory and returns a
+Life cycle, in `ORPORecipe`: the constructor checks the dataset; `setup()` builds the accelerator, then the
+model, optimizer, data and schedule (each from its own config slice: `orpo.model_setup`, `orpo.pair_data`,
+`orpo.batching`), prepares them, and resumes from the newest intact checkpoint of the output directory; `train()` runs the loop; `export()` writes the Hugging Face model directory and returns a
 `TrainResult`.
 
 What one optimizer step is. The step's pairs are a slice of the epoch's order, a pure function of
@@ -22,9 +22,9 @@ number of processes and accumulation steps. Every process holds the tokenized da
 totals without communication.
 
 Checkpoints (`accelerator.save_state`: model or LoRA weights, optimizer, schedule, RNG) go to
-`output_dir/checkpoints/step-N`, written under a temporary name and renamed when complete. Re-running
-with the same output directory resumes from the newest one and ends with the same weights as an
-uninterrupted run.
+`output_dir/checkpoints/step-N`, written under a temporary name and renamed when complete
+(`orpo.checkpoints`). Re-running with the same output directory resumes from the newest one that verifies
+(a corrupt one is set aside) and ends with the same weights as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -203,9 +203,9 @@ class ORPORecipe:
 
         # Seed before the model: LoRA's initial weights come from the global RNG.
         set_seed(cfg.seed)
-        # The main process first: it converts built-in models / downloads once; the others reuse its files.
         # FSDP (which upcasts under mixed precision) and DeepSpeed (bf16/fp16 optimizer) hold fp32 masters.
         sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        # The main process first: it converts built-in models / downloads once; the others reuse its files.
         with acc.main_process_first():
             loaded = setup_model(
                 self.config.model, cfg, device_type=acc.device.type, device_index=acc.local_process_index,
@@ -255,7 +255,7 @@ class ORPORecipe:
         # optimizer step ourselves, and checkpoint it as a registered object.
         self.scheduler = scheduler
         acc.register_for_checkpointing(self.scheduler)
-        if self.is_lora and acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if self.is_lora and not sharded:
             checkpoint_trainable_weights_only(acc)
 
         self.collator = make_collator(self.batch_layout, self.tokenizer.pad_token_id, cfg.pad_to_multiple_of)

@@ -229,7 +229,7 @@ def test_metrics_logged_live_to_an_active_mlflow_run(tiny_model_dir, toy_dataset
 def test_batch_plan_splits_the_same_global_batches_whatever_the_processes(group_by_length):
     """Same global batch => same pairs per step for any processes x accumulation factorisation; each
     step's micro-batches partition its pairs; epochs are permutations; same seed, same order."""
-    from orpo.train import BatchPlan
+    from orpo.batching import BatchPlan
 
     lengths = [random.Random(i).randint(5, 500) for i in range(103)]
 
@@ -257,7 +257,7 @@ def test_batch_plan_splits_the_same_global_batches_whatever_the_processes(group_
 
 
 def test_eval_batches_give_every_process_the_same_number_of_batches():
-    from orpo.train import eval_batches
+    from orpo.batching import eval_batches
 
     lengths = list(range(7))
     shards = [eval_batches(lengths, batch_size=2, num_processes=3, process_index=r) for r in range(3)]
@@ -274,7 +274,7 @@ def test_nll_token_count_matches_logprobs(nll_on_prompt, layout, tiny_model_and_
     token counts orpo.logprobs actually sums over, in either batch layout."""
     from orpo.collate import make_collator, tokenize_pair
     from orpo.logprobs import model_sequence_logps
-    from orpo.train import nll_token_count
+    from orpo.batching import nll_token_count
 
     model, tokenizer = tiny_model_and_tokenizer
     features = [tokenize_pair(pair, tokenizer, 64, 32) for pair in toy_pairs(5, seed=9)]
@@ -284,7 +284,10 @@ def test_nll_token_count_matches_logprobs(nll_on_prompt, layout, tiny_model_and_
 
 
 def test_metrics_from_sums_are_global_means():
-    from orpo.train import metrics_from_sums
+    from orpo.loss import PAIR_SUM_KEYS
+    from orpo.train_metrics import SUM_KEYS, metrics_from_sums
+
+    assert SUM_KEYS[: len(PAIR_SUM_KEYS)] == PAIR_SUM_KEYS  # batch_sums stacks the loss's sums first
 
     sums = {"nll_sum": 30.0, "nll_tokens": 10.0, "pairs": 4.0, "log_sigmoid_sum": -2.0, "log_ratio_sum": 1.0,
             "chosen_logps_sum": -4.0, "rejected_logps_sum": -8.0, "correct": 3.0, "real_tokens": 90.0,
