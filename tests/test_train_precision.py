@@ -10,6 +10,17 @@ from test_train import toy_config, write_toy_dataset
 from orpo.config import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses a second mixed precision: reset it around
+    each test (as accelerate's own test case does), so bf16 runs can follow fp32 ones in one pytest process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_toy_dataset(tmp_path_factory.mktemp("precision") / "dataset", train_pairs=16, test_pairs=4)
