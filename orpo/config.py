@@ -82,6 +82,11 @@ class ModelConfig(_Section):
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, flash_attention_2, eager.")
     cache_dir: str | None = Field(None, description="Where built-in models are converted (default: user cache).")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template to train and export with: a name (zephyr, chatml) or a Jinja file path. "
+        "Default: the tokenizer's own; a tokenizer without one gets Zephyr-style turns closed by its EOS token.",
+    )
 
 
 class LoraConfig(_Section):
@@ -119,7 +124,15 @@ class TrainConfig(_Section):
     adam_epsilon: float = Field(1e-8, gt=0.0)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes.")
     max_grad_norm: float | None = Field(1.0, gt=0.0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="no on CPU; bf16 on modern GPUs.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Compute dtype under autocast (weights and optimizer state stay float32): no on CPU; "
+        "bf16 on modern GPUs.",
+    )
+    allow_low_precision_master_weights: bool = Field(
+        False,
+        description="Allow full fine-tuning of bf16/fp16-loaded weights without FSDP/DeepSpeed fp32 masters "
+        "(small updates round away). Off: such a config is refused; use model.dtype float32 or auto.",
+    )
     gradient_checkpointing: bool = False
     logprob_chunk_size: int = Field(
         256,

@@ -92,26 +92,30 @@ class ORPOOutput:
     nll_tokens: torch.Tensor  # number of tokens in nll_sum
     log_sigmoid_ratio: torch.Tensor  # (B,) per-pair log sigmoid(log odds ratio)
 
+    orpo_lambda: float = 0.1  # the lambda these rewards were scaled by
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """This micro-batch's summable statistics (`PAIR_SUM_KEYS`), 0-d tensors: add them over micro-batches
+        and processes, then `metrics_from_sums` divides once."""
+        pairs = self.chosen_logps.shape[0]
+        return {
+            "nll_sum": self.nll_sum,
+            "nll_tokens": self.nll_tokens,
+            "pairs": torch.tensor(float(pairs), device=self.nll_sum.device),
+            "log_sigmoid_sum": self.log_sigmoid_ratio.sum(),
+            "log_ratio_sum": self.log_odds_chosen * pairs,  # held as its mean
+            "chosen_logps_sum": self.chosen_logps.sum(),
+            "rejected_logps_sum": self.rejected_logps.sum(),
+            "correct": (self.chosen_rewards > self.rejected_rewards).sum(),  # TRL's accuracy: rewards, not logps
+        }
+
     def metrics(self) -> dict[str, float]:
         """This micro-batch's metrics under TRL's names (means over its pairs).
 
-        To aggregate exactly across micro-batches or processes, gather `nll_sum`/`nll_tokens` and the
-        per-pair tensors and reduce once, instead of averaging these means.
+        To aggregate exactly across micro-batches or processes, add up `sums()` and call `metrics_from_sums`
+        once, instead of averaging these means.
         """
-        chosen = self.chosen_rewards.float()
-        rejected = self.rejected_rewards.float()
-        return {
-            "loss": float(self.loss.detach()),
-            "nll_loss": float(self.nll_loss),
-            "log_odds_ratio": float(self.log_odds_ratio),
-            "log_odds_chosen": float(self.log_odds_chosen),
-            "rewards/chosen": float(chosen.mean()),
-            "rewards/rejected": float(rejected.mean()),
-            "rewards/accuracies": float((chosen > rejected).float().mean()),
-            "rewards/margins": float((chosen - rejected).mean()),
-            "logps/chosen": float(self.chosen_logps.float().mean()),
-            "logps/rejected": float(self.rejected_logps.float().mean()),
-        }
+        return metrics_from_sums({name: float(value) for name, value in self.sums().items()}, self.orpo_lambda)
 
 
 class ORPOLoss(nn.Module):
@@ -179,4 +183,35 @@ class ORPOLoss(nn.Module):
             nll_sum=nll_sum.detach(),
             nll_tokens=nll_tokens.detach(),
             log_sigmoid_ratio=log_sigmoid_ratio.detach(),
+            orpo_lambda=self.orpo_lambda,
         )
+
+
+# The summed statistics every ORPO metric is computed from, in this order wherever they travel as a vector.
+PAIR_SUM_KEYS = (
+    "nll_sum", "nll_tokens", "pairs", "log_sigmoid_sum", "log_ratio_sum", "chosen_logps_sum",
+    "rejected_logps_sum", "correct",
+)
+
+
+def metrics_from_sums(sums: dict[str, float], orpo_lambda: float) -> dict[str, float]:
+    """The ORPO metrics under TRL's names from summed statistics (`PAIR_SUM_KEYS`): each mean is one division
+    of sums, so sums over micro-batches and processes give the metrics of the whole batch. The one place the
+    metric formulas live."""
+    pairs = max(sums["pairs"], 1.0)
+    nll = sums["nll_sum"] / max(sums["nll_tokens"], 1.0)
+    log_odds_ratio = sums["log_sigmoid_sum"] / pairs
+    chosen = sums["chosen_logps_sum"] / pairs
+    rejected = sums["rejected_logps_sum"] / pairs
+    return {
+        "loss": nll - orpo_lambda * log_odds_ratio,  # eq. 6
+        "nll_loss": nll,
+        "log_odds_ratio": log_odds_ratio,
+        "log_odds_chosen": sums["log_ratio_sum"] / pairs,
+        "rewards/chosen": orpo_lambda * chosen,
+        "rewards/rejected": orpo_lambda * rejected,
+        "rewards/accuracies": sums["correct"] / pairs,
+        "rewards/margins": orpo_lambda * (chosen - rejected),
+        "logps/chosen": chosen,
+        "logps/rejected": rejected,
+    }

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orpo.errors import OrpoError
+from orpo.chat_template import CHATML_TEMPLATE  # also importable from here, as evals/ does
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,14 +40,6 @@ SMOLLM2 = "builtin:smollm2-135m-instruct"
 TINY_LLAMA = "builtin:tiny-llama"
 BUILTIN_MODELS = (SMOLLM2, TINY_LLAMA)
 _COMPLETE_MARKER = ".orpo-complete"
-
-# ChatML, the template SmolLM2 ships; used for models (like the tiny test model) that have none.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 class ModelResolutionError(OrpoError, ValueError):
@@ -434,13 +427,16 @@ def torch_dtype(name: str, device_type: str = "cpu"):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(
+    path: str, *, revision: str | None = None, trust_remote_code: bool = False, chat_template: str | None = None
+):
+    """The tokenizer at `path`, with `chat_template` (model.chat_template) or a turn-ending fallback set."""
     from transformers import AutoTokenizer
 
+    from orpo.chat_template import apply_chat_template_config
+
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    if tokenizer.chat_template is None:
-        log.info("tokenizer of %s has no chat template; using ChatML", path)
-        tokenizer.chat_template = CHATML_TEMPLATE
+    apply_chat_template_config(tokenizer, chat_template, source=f"the tokenizer of {path}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -477,5 +473,6 @@ def load_model_and_tokenizer(
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer_source = path
-    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=config.trust_remote_code,
+                               chat_template=config.chat_template)
     return model, tokenizer

@@ -86,7 +86,7 @@ def test_tokenize_pair_truncates_prompt_left_and_response_right(tokenizer) -> No
     assert short["prompt_length"] + short["chosen_length"] == max_length
 
 
-def test_tokenize_pair_accepts_trl_layout_and_falls_back_to_chatml(tokenizer) -> None:
+def test_tokenize_pair_accepts_trl_layout_and_falls_back_to_turns_ending_in_eos(tokenizer) -> None:
     reference = tokenize_pair(PAIR, tokenizer, max_length=256, max_prompt_length=128)
     trl_layout = {
         "prompt": [PAIR["chosen"][0]],
@@ -98,10 +98,14 @@ def test_tokenize_pair_accepts_trl_layout_and_falls_back_to_chatml(tokenizer) ->
                "rejected": PAIR["rejected"][1]["content"]}
     assert tokenize_pair(strings, tokenizer, 256, 128) == reference
 
+    # Without a template the fallback closes every turn with EOS (orpo.chat_template), so each response
+    # ends with it; this byte-level tokenizer adds no BOS itself, so none is written.
     no_template = build_tiny_tokenizer()
     no_template.chat_template = None
-    assert tokenize_pair(PAIR, no_template, 256, 128) == reference
-    assert tokenizer.chat_template == CHATML_TEMPLATE  # same template, so the fallback is ChatML
+    fallback = tokenize_pair(PAIR, no_template, 256, 128)
+    assert fallback["chosen_input_ids"][-1] == fallback["rejected_input_ids"][-1] == no_template.eos_token_id
+    assert fallback["prompt_input_ids"][0] != no_template.bos_token_id
+    assert tokenizer.chat_template == CHATML_TEMPLATE
 
 
 def test_tokenize_pair_handles_templates_whose_generation_prompt_is_not_a_prefix(tokenizer) -> None:

@@ -229,7 +229,7 @@ def test_metrics_logged_live_to_an_active_mlflow_run(tiny_model_dir, toy_dataset
 def test_batch_plan_splits_the_same_global_batches_whatever_the_processes(group_by_length):
     """Same global batch => same pairs per step for any processes x accumulation factorisation; each
     step's micro-batches partition its pairs; epochs are permutations; same seed, same order."""
-    from orpo.train import BatchPlan
+    from orpo.batching import BatchPlan
 
     lengths = [random.Random(i).randint(5, 500) for i in range(103)]
 
@@ -257,7 +257,7 @@ def test_batch_plan_splits_the_same_global_batches_whatever_the_processes(group_
 
 
 def test_eval_batches_give_every_process_the_same_number_of_batches():
-    from orpo.train import eval_batches
+    from orpo.batching import eval_batches
 
     lengths = list(range(7))
     shards = [eval_batches(lengths, batch_size=2, num_processes=3, process_index=r) for r in range(3)]
@@ -274,7 +274,7 @@ def test_nll_token_count_matches_logprobs(nll_on_prompt, layout, tiny_model_and_
     token counts orpo.logprobs actually sums over, in either batch layout."""
     from orpo.collate import make_collator, tokenize_pair
     from orpo.logprobs import model_sequence_logps
-    from orpo.train import nll_token_count
+    from orpo.batching import nll_token_count
 
     model, tokenizer = tiny_model_and_tokenizer
     features = [tokenize_pair(pair, tokenizer, 64, 32) for pair in toy_pairs(5, seed=9)]
@@ -284,7 +284,10 @@ def test_nll_token_count_matches_logprobs(nll_on_prompt, layout, tiny_model_and_
 
 
 def test_metrics_from_sums_are_global_means():
-    from orpo.train import metrics_from_sums
+    from orpo.loss import PAIR_SUM_KEYS
+    from orpo.train_metrics import SUM_KEYS, metrics_from_sums
+
+    assert SUM_KEYS[: len(PAIR_SUM_KEYS)] == PAIR_SUM_KEYS  # batch_sums stacks the loss's sums first
 
     sums = {"nll_sum": 30.0, "nll_tokens": 10.0, "pairs": 4.0, "log_sigmoid_sum": -2.0, "log_ratio_sum": 1.0,
             "chosen_logps_sum": -4.0, "rejected_logps_sum": -8.0, "correct": 3.0, "real_tokens": 90.0,
@@ -312,3 +315,45 @@ def test_bad_inputs_are_clear_errors(tiny_model_dir, toy_dataset, tmp_path):
     if importlib.util.find_spec("bitsandbytes") is None:
         with pytest.raises(ConfigError, match="adamw_8bit needs the bitsandbytes package"):
             train(toy_config(tmp_path, tiny_model_dir, optimizer="adamw_8bit"), toy_dataset, tmp_path / "out")
+
+
+def test_dataset_is_checked_before_anything_is_built(tiny_model_dir, tmp_path):
+    """An empty train split or missing columns stop in one message, and leave no output directory behind."""
+    from datasets import Dataset, DatasetDict
+
+    from orpo.config import ConfigError
+    from orpo.train import train
+
+    empty = tmp_path / "empty"
+    test = Dataset.from_list(toy_pairs(2, seed=0))
+    DatasetDict({"train": test.select([]), "test": test}).save_to_disk(str(empty))
+    _add_empty_shard(empty / "train", test.features)  # as orpo.data.binarize writes 0 pairs
+    with pytest.raises(ConfigError, match=r"the train split of .*empty is empty: nothing to train on"):
+        train(toy_config(tmp_path, tiny_model_dir), empty, tmp_path / "out")
+    columns = tmp_path / "columns"
+    DatasetDict({"train": Dataset.from_list([{"prompt": "hi", "answer": "hello"}])}).save_to_disk(str(columns))
+    with pytest.raises(ConfigError, match=r"has no chosen, rejected column"):
+        train(toy_config(tmp_path, tiny_model_dir), columns, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_setup_leaves_no_checkpoints_dir(tiny_model_dir, toy_dataset, tmp_path):
+    from orpo.config import ConfigError
+    from orpo.train import train
+
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        train(toy_config(tmp_path, tiny_model_dir, per_device_batch_size=512), toy_dataset, tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def _add_empty_shard(split_dir: Path, features) -> None:
+    """save_to_disk writes no data file for an empty split; give it one with the schema and no rows."""
+    import pyarrow as pa
+
+    name = "data-00000-of-00001.arrow"
+    with pa.ipc.new_stream(str(split_dir / name), features.arrow_schema):
+        pass
+    state = json.loads((split_dir / "state.json").read_text())
+    state["_data_files"] = [{"filename": name}]
+    (split_dir / "state.json").write_text(json.dumps(state))
+

@@ -84,3 +84,86 @@ def _weights_file_keys(path: Path) -> list[str]:
 
     with safe_open(str(path), "pt") as handle:
         return list(handle.keys())
+
+
+# ---- a corrupt newest checkpoint ------------------------------------------------------------------------
+
+
+def _corrupt_weights(checkpoint: Path) -> Path:
+    weights = checkpoint / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    return weights
+
+
+def _corrupt_state(checkpoint: Path) -> Path:
+    state = checkpoint / "trainer_state.json"
+    state.write_text('{"global_step": 6, "config_ha', encoding="utf-8")
+    return state
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_weights, _corrupt_state], ids=["truncated-weights", "bad-state"])
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(corrupt, tiny_model_dir, tmp_path,
+                                                                            caplog):
+    """A finished run's newest checkpoint (step 6) is damaged; re-running with the same output directory moves
+    it aside with a warning naming the file, resumes from step 4, and ends with the uninterrupted weights."""
+    from orpo.train import train
+
+    dataset = write_toy_dataset(tmp_path / "dataset", train_pairs=16, test_pairs=4)
+    config = toy_config(tmp_path, tiny_model_dir, max_steps=6, per_device_batch_size=4, save_steps=2,
+                        save_total_limit=3, lr_scheduler="cosine", warmup_steps=2, learning_rate=1e-3,
+                        lora={"enabled": False})
+    output = tmp_path / "out"
+    uninterrupted = _weights(train(config, dataset, output).model_dir)
+    checkpoints = output / "checkpoints"
+    damaged = corrupt(checkpoints / "step-6")
+
+    with caplog.at_level("WARNING", logger="orpo.checkpoints"):
+        resumed = train(config, dataset, output)
+    assert str(damaged) in caplog.text and "corrupt" in caplog.text
+    assert (checkpoints / "step-6.corrupt").is_dir()
+    assert resumed.global_step == 6 and (checkpoints / "step-6").is_dir()  # re-trained from step 4
+    weights = _weights(resumed.model_dir)
+    assert weights.keys() == uninterrupted.keys()
+    for name in weights:
+        assert weights[name].equal(uninterrupted[name]), name
+    steps = [row["step"] for row in read_metrics(resumed.metrics_path) if "loss" in row]
+    assert steps == list(range(1, 7))
+
+
+def test_no_intact_checkpoint_says_how_to_start_over(tiny_model_dir, tmp_path):
+    from orpo.checkpoints import CheckpointError
+    from orpo.train import train
+
+    dataset = write_toy_dataset(tmp_path / "dataset", train_pairs=8, test_pairs=2)
+    config = toy_config(tmp_path, tiny_model_dir, max_steps=2, per_device_batch_size=4, save_steps=1,
+                        lora={"r": 4, "alpha": 8})
+    output = tmp_path / "out"
+    train(config, dataset, output)
+    for checkpoint in (output / "checkpoints").iterdir():
+        _corrupt_state(checkpoint)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*checkpoints: all 2 were corrupt.*"
+                                              r"To start over, delete .*out or pass a new --output-dir"):
+        train(config, dataset, output)
+
+
+def test_checkpoint_problem_names_the_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from orpo.checkpoints import checkpoint_problem
+
+    checkpoint = tmp_path / "step-1"
+    checkpoint.mkdir()
+    save_file({"w": torch.ones(64, 64)}, str(checkpoint / "model.safetensors"))
+    torch.save({"state": {}}, checkpoint / "optimizer.bin")
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 1}')
+    assert checkpoint_problem(checkpoint) is None
+
+    _corrupt_weights(checkpoint)
+    assert checkpoint_problem(checkpoint).startswith(f"{checkpoint / 'model.safetensors'} is truncated")
+    save_file({"w": torch.ones(64, 64)}, str(checkpoint / "model.safetensors"))
+    (checkpoint / "optimizer.bin").write_bytes((checkpoint / "optimizer.bin").read_bytes()[:100])
+    assert "optimizer.bin is not a complete torch.save archive" in checkpoint_problem(checkpoint)
+    _corrupt_state(checkpoint)
+    assert checkpoint_problem(checkpoint).startswith(f"{checkpoint / 'trainer_state.json'} is unreadable")
