@@ -123,15 +123,20 @@ def write_train_result(result: TrainResult, directory: str | Path | None = None)
     return path
 
 
+def _read_json(path: Path, missing_hint: str) -> Any:
+    """A hand-off file's JSON; a missing or unreadable file is a HandoffError naming it and what to do."""
+    if not path.is_file():
+        raise HandoffError(f"{path} not found; {missing_hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise HandoffError(f"{path} is not valid JSON: {exc}") from exc
+
+
 def read_train_result(train_dir: str | Path) -> TrainResult:
     """The training result of `train_dir`, its paths resolved inside `train_dir` (wherever it was written)."""
     path = Path(train_dir) / TRAIN_RESULT
-    if not path.is_file():
-        raise HandoffError(f"{path} not found; pass the output directory of `orpo train`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise HandoffError(f"{path} is not valid JSON: {exc}") from exc
+    data = _read_json(path, "pass the output directory of `orpo train`")
     if not isinstance(data, dict) or not data.get("model_dir"):
         raise HandoffError(f"{path}: field 'model_dir' is missing")
     return TrainResult.from_json(data, directory=Path(train_dir))
@@ -226,13 +231,7 @@ class EvalReport(BaseModel):
 
 
 def read_eval_report(report_dir: str | Path) -> EvalReport:
-    path = Path(report_dir) / EVAL_REPORT
-    if not path.is_file():
-        raise HandoffError(f"{path} not found; evaluate the model first (`orpo eval run`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise HandoffError(f"{path} is not valid JSON: {exc}") from exc
+    data = _read_json(Path(report_dir) / EVAL_REPORT, "evaluate the model first (`orpo eval run`)")
     metrics = {k: float(v) for k, v in (data.get("metrics") or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
     return EvalReport.model_validate({**data, "metrics": metrics})
