@@ -47,14 +47,19 @@ def lambda_name(value: float) -> str:
 
 
 def plan_arms(config: PipelineConfig) -> list[Arm]:
-    """Every arm for every seed, in training order (a seed's SFT arm before its SFT+DPO arm)."""
+    """Every arm for every seed, headline arms first: SFT, the first ORPO lambda and SFT+DPO for each seed, then
+    the other lambdas. A study stopped early still has every seed of the headline comparison.
+
+    A seed's SFT arm always comes before its SFT+DPO arm (DPO starts from it).
+    """
     study = config.ablation
-    arms: list[Arm] = []
-    for seed in study.seeds:
-        arms.append(Arm("sft", KIND_ORPO, 0.0, seed))
-        arms += [Arm(lambda_name(lam), KIND_ORPO, float(lam), seed) for lam in study.orpo_lambdas]
-        if study.dpo:
-            arms.append(Arm("sft-dpo", KIND_DPO, 0.0, seed))
+    lambdas = [float(lam) for lam in study.orpo_lambdas]
+    seeds = study.seeds
+    arms = [Arm("sft", KIND_ORPO, 0.0, seed) for seed in seeds]
+    arms += [Arm(lambda_name(lam), KIND_ORPO, lam, seed) for lam in lambdas[:1] for seed in seeds]
+    if study.dpo:
+        arms += [Arm("sft-dpo", KIND_DPO, 0.0, seed) for seed in seeds]
+    arms += [Arm(lambda_name(lam), KIND_ORPO, lam, seed) for lam in lambdas[1:] for seed in seeds]
     return arms
 
 
