@@ -11,7 +11,6 @@ tagged `ablation.study=<study>`, so the MLflow UI's compare view and `orpo compa
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pydantic import BaseModel
 from flows.pipeline import _flow_run_name, effective_config, run_name_for
 from orpo.ablation.arms import KIND_DPO, arm_config, check_study, plan_arms, quick_config, study_model_name
 from orpo.ablation.report import collect_outcome
+from orpo.ablation.study import study_dir, study_meta
 from orpo.config import PipelineConfig
 from tasks.ablation import tag_arm, train_arm, write_ablation_report
 from tasks.evaluate import evaluate
@@ -52,7 +52,7 @@ def ablation_study(config: PipelineConfig = PipelineConfig(), config_path: str |
     check_study(config)
     logger = get_run_logger()
     study = config.ablation.study or run_name_for(config)
-    root = Path(config.workdir) / "ablation" / study
+    root = study_dir(config, study)
     data = prepare_data(config)
 
     outcomes, versions, metrics, resources = [], {}, {}, {}
@@ -77,21 +77,7 @@ def ablation_study(config: PipelineConfig = PipelineConfig(), config_path: str |
         versions[arm.run_name], metrics[arm.run_name], resources[arm.run_name] = (
             version.model_uri, evaluation.metrics, cost)
 
-    meta = {
-        "study": study,
-        "model": f"`{config.model.name_or_path}`",
-        "data": f"`{config.data.source}` (recipe {config.data.recipe}, fingerprint `{data.fingerprint[:12]}`, "
-                + ", ".join(f"{k} {v}" for k, v in sorted(data.counts.items()) if k in ("train", "test")) + ")",
-        "budget": f"{config.train.max_steps} steps per arm (DPO phase {config.ablation.dpo_max_steps or config.train.max_steps}"
-                  f"), batch {config.train.per_device_batch_size} x {config.train.gradient_accumulation_steps}, "
-                  f"lr {config.train.learning_rate:g}, max_length {config.train.max_length}, "
-                  f"{'LoRA r' + str(config.train.lora.r) if config.train.lora.enabled else 'full fine-tuning'}",
-        "seeds": ", ".join(map(str, config.ablation.seeds)),
-        "DPO": f"TRL DPOTrainer, beta {config.ablation.dpo_beta:g}, frozen copy of the SFT model as reference",
-        "registered model": f"`{study_model_name(config)}` (tag `ablation.study={study}`)",
-        "machine": f"{platform.machine()}, {platform.system()}, python {platform.python_version()}",
-        "quick": str(quick).lower(),
-    }
+    meta = study_meta(config, study, quick=quick, fingerprint=data.fingerprint, counts=data.counts)
     report = write_ablation_report(config, study, outcomes, root / "report", meta)
     return AblationSummary(
         study=study, report=str(report), registered_model_name=study_model_name(config), versions=versions,

@@ -176,15 +176,24 @@ def run_command(
 def ablate_command(
     config: Optional[Path] = CONFIG_OPTION,
     quick: bool = typer.Option(False, "--quick", help="One seed, one lambda, a few steps: minutes on a CPU."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Rebuild ablation.study's report from the arms that finished; train nothing."
+    ),
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
 ) -> None:
     """SFT only vs ORPO (ablation.orpo_lambdas) vs SFT+DPO on the same data, seed and steps; registers and reports."""
     cfg = _load(config, overrides)
     from flows.ablation import ablation_study
     from orpo.ablation.arms import check_study, quick_config
+    from orpo.ablation.study import rebuild_report, study_meta
 
     try:
-        check_study(quick_config(cfg) if quick else cfg)
+        effective = quick_config(cfg) if quick else cfg
+        if report_only:
+            meta = study_meta(effective, effective.ablation.study or "", quick=quick)
+            console.print(f"report: [bold]{rebuild_report(effective, meta)}[/bold]")
+            return
+        check_study(effective)
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None

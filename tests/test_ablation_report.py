@@ -165,3 +165,30 @@ def test_report_has_every_section_and_times_both_arms_to_the_same_accuracy(tmp_p
     # distinct-2 of input a: bigrams (one two)(two three)(one two)(two four) -> 3 unique of 4; input b: 2 of 2
     assert summary["arms"]["sft"]["per_input_distinct_2"]["mean"] == pytest.approx((0.75 + 1.0) / 2)
     assert summary["arms"]["orpo-0.1"]["eval_logps_rejected"]["mean"] == -2.6
+
+
+def test_orpo_ablate_refuses_a_study_without_periodic_evaluation_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from orpo.cli import app
+
+    result = CliRunner().invoke(app, ["ablate", f"workdir={tmp_path}", "ablation.dpo=false"])
+    assert result.exit_code == 2
+    assert "train.eval_steps" in result.output
+    assert not (tmp_path / "ablation").exists()
+
+
+def test_a_stopped_study_reports_the_arms_that_finished(tmp_path):
+    from orpo.ablation.study import finished_outcomes, study_dir
+
+    config = _config(f"workdir={tmp_path}", "ablation.study=s", "ablation.seeds=[1]")
+    root = study_dir(config, "s")
+    (root / "train" / "sft-seed1").mkdir(parents=True)
+    (root / "train" / "sft-seed1" / "resources.json").write_text(json.dumps({"train_seconds": 5.0}))
+    (root / "train" / "sft-seed1" / "timeline.jsonl").write_text('{"train_seconds": 5.0, "accuracy": 0.5}\n')
+    (root / "eval" / "sft-seed1").mkdir(parents=True)
+    (root / "eval" / "sft-seed1" / "report.json").write_text(json.dumps({"metrics": {"preference/accuracy": 0.5}}))
+    (root / "train" / "orpo-0.1-seed1").mkdir(parents=True)  # trained part-way: no resources.json
+    outcomes = finished_outcomes(config, "s", {"sft-seed1": "models:/m/1"})
+    assert [(o.name, o.model_uri, o.metrics["preference/accuracy"]) for o in outcomes] == [("sft", "models:/m/1", 0.5)]
+    assert outcomes[0].timeline == [{"train_seconds": 5.0, "accuracy": 0.5}]

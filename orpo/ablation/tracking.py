@@ -46,3 +46,17 @@ def log_report(config: PipelineConfig, study: str, report_dir: Path) -> str:
         mlflow.set_tags({TAG_STUDY: study, "orpo.kind": "ablation-report"})
         mlflow.log_artifacts(str(report_dir), "ablation_report")
         return run.info.run_id
+
+
+def arm_model_uris(config: PipelineConfig, study: str) -> dict[str, str]:
+    """`<arm>-seed<N>` -> models:/NAME/VERSION of the study's registered arms (the latest one per arm)."""
+    from orpo.ablation.arms import study_model_name
+    from orpo.registry import configure_mlflow, mlflow_client
+
+    configure_mlflow(config)
+    name = study_model_name(config)
+    found = mlflow_client().search_model_versions(f"name = '{name}' and tags.`{TAG_STUDY}` = '{study}'")
+    uris: dict[str, str] = {}
+    for version in sorted(found, key=lambda v: int(v.version)):
+        uris[f"{version.tags.get(TAG_ARM)}-seed{version.tags.get(TAG_SEED)}"] = f"models:/{name}/{version.version}"
+    return uris
