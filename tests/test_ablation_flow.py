@@ -63,3 +63,15 @@ def test_ablation_study_registers_every_arm_and_reports_each_section(prefect_har
     report_runs = client.search_runs([client.get_experiment_by_name(config.registry.experiment_name).experiment_id],
                                      "tags.`orpo.kind` = 'ablation-report'")
     assert [a.path for a in client.list_artifacts(report_runs[0].info.run_id, "ablation_report")]
+
+
+def test_ablation_flow_parameters_render_as_a_form():
+    """From the Prefect UI: the config form (with its ablation section), a YAML path, and the quick switch."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.ablation import ablation_study
+
+    schema = parameter_schema(ablation_study).model_dump()
+    definitions = schema.get("definitions") or schema.get("$defs") or {}
+    assert {"PipelineConfig", "AblationConfig"} <= set(definitions)
+    assert {"config", "config_path", "quick"} <= set(schema["properties"])
