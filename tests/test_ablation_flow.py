@@ -60,6 +60,10 @@ def test_ablation_study_registers_every_arm_and_reports_each_section(prefect_har
     dpo_train = Path(tmp_path, "ablation", "tiny-study", "train", "sft-dpo-seed1")
     phases = [json.loads(line)["phase"] for line in (dpo_train / "timeline.jsonl").read_text().splitlines()]
     assert phases[0] == "sft" and phases[-1] == "dpo"
+    sft_train = Path(tmp_path, "ablation", "tiny-study", "train", "sft-seed1")
+    first = json.loads((sft_train / "timeline.jsonl").read_text().splitlines()[0])
+    assert (first["step"], first["train_seconds"]) == (0, 0.0)  # the start model, before any training
+    assert json.loads((sft_train / "metrics.jsonl").read_text().splitlines()[0])["step"] == 0
     report_runs = client.search_runs([client.get_experiment_by_name(config.registry.experiment_name).experiment_id],
                                      "tags.`orpo.kind` = 'ablation-report'")
     assert [a.path for a in client.list_artifacts(report_runs[0].info.run_id, "ablation_report")]

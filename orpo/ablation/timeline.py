@@ -36,7 +36,9 @@ class Timeline:
     records: list[dict[str, float]] = field(default_factory=list)
 
     def start(self) -> None:
+        """Start the training clock; probes before it (the start model's) cost no training time."""
         self._started = time.perf_counter()
+        self._excluded = 0.0
 
     def train_seconds(self) -> float:
         if self._started is None:

@@ -25,14 +25,17 @@ log = logging.getLogger(__name__)
 
 
 class TimedORPORecipe(ORPORecipe):
-    """The ORPO trainer, unchanged, with a held-out probe after each of its periodic evaluations.
-
-    Evaluation, probing and checkpointing are taken off the training clock.
+    """The ORPO trainer, unchanged, with a held-out probe after each of its periodic evaluations, and one
+    evaluation + probe of the start model at step 0. Evaluation, probing and checkpointing are taken off the
+    training clock.
     """
 
     timeline: Timeline
 
     def train(self) -> None:
+        if self.global_step == 0 and self.data.test is not None:
+            # The start model: where every arm's curves begin (Figure 3's first point, time-to-accuracy's baseline).
+            self.sink.write({"step": 0, "epoch": 0.0, **self.evaluate()})
         self.timeline.start()
         super().train()
 
