@@ -114,7 +114,7 @@ def _callback(timeline: Timeline, tokenizer, metrics_path: Path, eval_steps: int
 def train_dpo(config: PipelineConfig, dataset_dir: str | Path, sft_dir: str | Path, output_dir: str | Path):
     """DPO from the SFT export in `sft_dir`; writes the export, metrics.jsonl and timeline.jsonl to `output_dir`.
 
-    Returns (TrainResult, seconds of training in the DPO phase).
+    Returns (TrainResult, seconds of training in the DPO phase, CPU seconds of this process in it).
     """
     require_trl()
     import torch
@@ -151,7 +151,7 @@ def train_dpo(config: PipelineConfig, dataset_dir: str | Path, sft_dir: str | Pa
     began = time.perf_counter()
     trainer.train()
     log.info("DPO phase: %d steps in %.0f s", trainer.state.global_step, time.perf_counter() - began)
-    dpo_seconds = timeline.train_seconds()
+    dpo_seconds, dpo_cpu_seconds = timeline.train_seconds(), timeline.train_cpu_seconds()
 
     model = trainer.model
     model_dir = output_dir / "model"
@@ -172,4 +172,4 @@ def train_dpo(config: PipelineConfig, dataset_dir: str | Path, sft_dir: str | Pa
         is_lora=sft.is_lora, global_step=trainer.state.global_step, dataset_dir=Path(dataset_dir),
     )
     (output_dir / TRAIN_RESULT).write_text(json.dumps(result.to_json(), indent=2), encoding="utf-8")
-    return result, dpo_seconds
+    return result, dpo_seconds, dpo_cpu_seconds

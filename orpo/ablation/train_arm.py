@@ -40,16 +40,16 @@ class TimedORPORecipe(ORPORecipe):
         super().train()
 
     def evaluate(self) -> dict[str, float]:
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         metrics = super().evaluate()
-        self.timeline.exclude(time.perf_counter() - began)
+        self.timeline.exclude(time.perf_counter() - began, time.process_time() - cpu_began)
         self.timeline.probe(self.accelerator.unwrap_model(self.model), self.tokenizer, self.global_step)
         return metrics
 
     def save_checkpoint(self) -> Path:
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         path = super().save_checkpoint()
-        self.timeline.exclude(time.perf_counter() - began)
+        self.timeline.exclude(time.perf_counter() - began, time.process_time() - cpu_began)
         return path
 
 
@@ -72,7 +72,8 @@ def train_orpo_arm(config: PipelineConfig, dataset_dir: str | Path, output_dir: 
     finally:
         recipe.cleanup()
     return write_resources(output_dir, wall_seconds=time.perf_counter() - began,
-                           train_seconds=recipe.timeline.train_seconds(), peak_memory_mb=peak_memory_mb(device),
+                           train_seconds=recipe.timeline.train_seconds(),
+                           train_cpu_seconds=recipe.timeline.train_cpu_seconds(), peak_memory_mb=peak_memory_mb(device),
                            device=str(device if isinstance(device, torch.device) else device),
                            steps=result.global_step)
 
@@ -84,15 +85,17 @@ def train_dpo_arm(config: PipelineConfig, dataset_dir: str | Path, sft_dir: str 
     from orpo.ablation.dpo import train_dpo
 
     began = time.perf_counter()
-    result, dpo_seconds = train_dpo(config, dataset_dir, sft_dir, output_dir)
+    result, dpo_seconds, dpo_cpu_seconds = train_dpo(config, dataset_dir, sft_dir, output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sft = read_resources(Path(sft_dir))
     dpo = {"wall_seconds": time.perf_counter() - began, "train_seconds": dpo_seconds,
+           "train_cpu_seconds": dpo_cpu_seconds,
            "peak_memory_mb": peak_memory_mb(device), "steps": result.global_step}
     resources = write_resources(
         Path(output_dir),
         wall_seconds=float(sft.get("wall_seconds", 0.0)) + dpo["wall_seconds"],
         train_seconds=float(sft.get("train_seconds", 0.0)) + dpo_seconds,
+        train_cpu_seconds=float(sft.get("train_cpu_seconds", 0.0)) + dpo_cpu_seconds,
         peak_memory_mb=max(float(sft.get("peak_memory_mb", 0.0)), dpo["peak_memory_mb"]),
         device=str(device), steps=int(sft.get("steps", 0)) + result.global_step,
     )
