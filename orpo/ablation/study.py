@@ -63,10 +63,19 @@ def rebuild_report(config: PipelineConfig, meta: dict[str, Any]) -> Path:
 
 def study_meta(config: PipelineConfig, study: str, *, quick: bool, fingerprint: str = "",
                counts: dict[str, int] | None = None) -> dict[str, str]:
-    """The report's header: what was trained, on what, with which budget."""
+    """The report's header: what was trained, on what, with which budget.
+
+    Without a fingerprint, the prepared dataset's manifest (if it is still on disk) supplies it and the counts.
+    """
     import platform
 
     from orpo.ablation.arms import study_model_name
+    from orpo.data.binarize import default_dataset_dir
+
+    manifest = default_dataset_dir(config.data, config.workdir) / "manifest.json"
+    if not fingerprint and manifest.is_file():
+        prepared = json.loads(manifest.read_text(encoding="utf-8"))
+        fingerprint, counts = prepared.get("fingerprint", ""), counts or prepared.get("counts")
 
     train, ablation = config.train, config.ablation
     split = ", ".join(f"{k} {v}" for k, v in sorted((counts or {}).items()) if k in ("train", "test"))
