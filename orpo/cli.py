@@ -257,6 +257,41 @@ def run_command(
     _print_summary(summary, ui_command="orpo ui" + (f" --config {config}" if config else ""))
 
 
+@app.command("ablate")
+def ablate_command(
+    config: Optional[Path] = CONFIG_OPTION,
+    quick: bool = typer.Option(False, "--quick", help="One seed, one lambda, a few steps: minutes on a CPU."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Rebuild ablation.study's report from the arms that finished; train nothing."
+    ),
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+) -> None:
+    """SFT only vs ORPO (ablation.orpo_lambdas) vs SFT+DPO on the same data, seed and steps; registers and reports."""
+    cfg = _load(config, overrides)
+    from flows.ablation import ablation_study
+    from orpo.ablation.arms import check_study, quick_config
+    from orpo.ablation.study import rebuild_report, study_meta
+
+    try:
+        effective = quick_config(cfg) if quick else cfg
+        if report_only:
+            meta = study_meta(effective, effective.ablation.study or "", quick=quick)
+            console.print(f"report: [bold]{rebuild_report(effective, meta)}[/bold]")
+            return
+        check_study(effective)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    summary = ablation_study(config=cfg, quick=quick)
+    for arm, uri in summary.versions.items():
+        shown = {k: round(v, 3) for k, v in summary.metrics[arm].items() if k.startswith(("preference/", "diversity/"))}
+        console.print(f"{arm}: [bold]{uri}[/bold] {shown}")
+    numbers = ",".join(uri.rsplit("/", 1)[-1] for uri in summary.versions.values())
+    console.print(f"report: [bold]{summary.report}[/bold] ({summary.wall_seconds / 60:.1f} min)")
+    console.print(f"compare: orpo compare{f' --config {config}' if config else ''} "
+                  f"--name {summary.registered_model_name} --versions {numbers}")
+
+
 # Headline metrics for the before/after table, in the order a reader scans them.
 _HEADLINE = (
     "preference/accuracy", "preference/margin", "alpaca_eval2/win_rate", "alpaca_eval2/length_controlled_winrate",

@@ -347,6 +347,48 @@ class OrchestrationConfig(_Section):
     work_pool: str | None = Field(None, description="Prefect work pool for `prefect deploy` users.")
 
 
+class AblationConfig(_Section):
+    """`orpo ablate` / the `ablation-study` flow: SFT only vs ORPO (several lambdas) vs SFT+DPO, same data and steps."""
+
+    study: str | None = Field(
+        None, description="Study name, tagged on every arm's MLflow run and model version (default: the run name)."
+    )
+    orpo_lambdas: list[float] = Field(
+        default_factory=lambda: [0.1, 0.25, 0.5],
+        description="ORPO arms, one per lambda (> 0); the SFT arm is lambda 0 and always runs.",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [42], min_length=1,
+        description="Train every arm once per seed (train.seed); two or more give a spread for the headline numbers.",
+    )
+    dpo: bool = Field(True, description="Run the SFT+DPO arm (needs `pip install 'orpo-pipeline[ablation]'`).")
+    dpo_beta: float = Field(0.1, gt=0.0, description="DPO's beta (strength of the KL anchor to the SFT model).")
+    dpo_learning_rate: float | None = Field(None, gt=0.0, description="DPO phase learning rate (default: train's).")
+    dpo_max_steps: int | None = Field(
+        None, gt=0, description="DPO phase steps after SFT (default: train.max_steps, the same budget as each arm)."
+    )
+    probe_pairs: int | None = Field(
+        64, gt=0, description="Held-out pairs scored at every train.eval_steps for the time-to-accuracy curves.",
+    )
+    target_accuracy: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Held-out preference accuracy both ORPO and SFT+DPO are timed to (default: the lower of the "
+        "two arms' best, so both reach it).",
+    )
+    registered_model_name: str | None = Field(
+        None, description="Registered model the arms become versions of (default: <registry.registered_model_name>"
+        "-ablation, so a study never moves the production model's aliases).",
+    )
+    arm_timeout_s: float | None = Field(None, gt=0, description="Stop an arm's training subprocess after this long.")
+
+    @field_validator("orpo_lambdas")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(v <= 0 for v in value):
+            raise ValueError("ORPO lambdas must be > 0 (lambda 0 is the SFT arm, which always runs)")
+        return value
+
+
 class PipelineConfig(_Section):
     """The whole pipeline. Also the Prefect flow's parameter model (the UI renders it as a form)."""
 
@@ -358,6 +400,7 @@ class PipelineConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    ablation: AblationConfig = Field(default_factory=AblationConfig)
 
     @model_validator(mode="after")
     def _incremental_needs_champion(self) -> PipelineConfig:
@@ -387,7 +430,8 @@ class PipelineConfig(_Section):
 
     def config_hash(self) -> str:
         """A short, stable hash of everything that defines the run (not where it writes)."""
-        payload = self.model_dump(mode="json", exclude={"run_name", "workdir"})
+        # The ablation section chooses which runs to make, not what one run does.
+        payload = self.model_dump(mode="json", exclude={"run_name", "workdir", "ablation"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

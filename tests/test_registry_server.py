@@ -24,7 +24,9 @@ def test_register_evaluate_promote_and_load_by_alias_through_a_server(server, tm
     from mlflow import MlflowClient
 
     config = PipelineConfig.model_validate(
-        {"workdir": str(tmp_path / "work"), "registry": {"tracking_uri": server.url, "registered_model_name": "srv"}}
+        {"workdir": str(tmp_path / "work"),
+         # The point-estimate rules: these versions carry metrics, not the evaluation files head_to_head pairs.
+         "registry": {"tracking_uri": server.url, "registered_model_name": "srv", "gate": {"mode": "threshold"}}}
     )
     assert configure_mlflow(config) == server.url
     assert champion_uri(config) is None
