@@ -272,16 +272,12 @@ def ablate_command(
     from orpo.ablation.arms import check_study, quick_config
     from orpo.ablation.study import rebuild_report, study_meta
 
-    try:
-        effective = quick_config(cfg) if quick else cfg
-        if report_only:
-            meta = study_meta(effective, effective.ablation.study or "", quick=quick)
-            console.print(f"report: [bold]{rebuild_report(effective, meta)}[/bold]")
-            return
-        check_study(effective)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    effective = quick_config(cfg) if quick else cfg
+    if report_only:
+        meta = study_meta(effective, effective.ablation.study or "", quick=quick)
+        console.print(f"report: [bold]{rebuild_report(effective, meta)}[/bold]")
+        return
+    check_study(effective)  # its ConfigErrors are printed by OrpoGroup, exit 2
     summary = ablation_study(config=cfg, quick=quick)
     for arm, uri in summary.versions.items():
         shown = {k: round(v, 3) for k, v in summary.metrics[arm].items() if k.startswith(("preference/", "diversity/"))}
