@@ -53,6 +53,7 @@ from orpo.config import (
     dump_config,
     load_config,
 )
+from orpo.memory import release_free_memory
 
 if TYPE_CHECKING:
     import torch
@@ -778,6 +779,7 @@ class ORPORecipe:
         if not acc.optimizer_step_was_skipped:  # an fp16 overflow skips the update, and the schedule waits
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        release_free_memory()  # the step's freed heap back to the system (orpo.memory)
         self.global_step += 1
         return StepStats(sums=sums, grad_norm=grad_norm)
 

@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 
 from orpo.config import PipelineConfig, dump_config
+from orpo.memory import training_environment
 from orpo.train import TrainResult, train
 from tasks.common import stream_subprocess
 
@@ -65,7 +66,7 @@ def _train(config: PipelineConfig, dataset_dir: Path, output_dir: Path, logger) 
         config_file = dump_config(config, output_dir / "pipeline_config.yaml")
         command = accelerate_command(config, config_file, dataset_dir, output_dir)
         logger.info("launching: %s", " ".join(command))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = training_environment({**os.environ, "PYTHONUNBUFFERED": "1"})  # allocator settings: orpo.memory
         code, tail = stream_subprocess(command, logger, env=env, timeout_s=config.orchestration.train_timeout_s)
         if code != 0:
             raise TrainingFailed(
