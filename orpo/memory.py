@@ -6,7 +6,7 @@ of them come from the brk heap, and freed holes in the middle of that heap are n
 SmolLM2 LoRA step whose tensors peak at 1.7 GB showed 5.5 GB of RSS, which is what a laptop's OOM
 killer sees. The launcher (`orpo train`, the flow's `accelerate launch` subprocess) therefore starts
 training with fixed malloc thresholds, and the training loop returns free heap at each step boundary.
-That brings the step's peak to ~1.9x the live peak (from ~3.1x), not to it: see README, Benchmarks.
+That brings the step's peak to ~1.1x the live peak (from ~2.4x), at some CPU time: see README, Benchmarks.
 A user's own GLIBC_TUNABLES, MALLOC_*_ variables or LD_PRELOAD always win: then nothing is added.
 """
 
@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 
 # Set in the environment of a process that was started with the training environment (re-exec guard).
 MARKER = "ORPO_TRAINING_ENV"
-# Allocations of at least 8 MB get their own mapping, returned to the system when freed; smaller ones
-# come from the heap, whose free top is returned above 16 MB. SmolLM2 LoRA at 1024 tokens, one thread,
-# peak RSS over the steps (live peak 1669 MB): default 5116 MB, malloc_trim alone 5329, mimalloc 3346 (it
-# keeps the setup's peak), these tunables + malloc_trim 3177. A 1 MB threshold (the live figure) faults
-# pages in on every step and costs step time; 32 MB (glibc's own upper bound) kept RSS at the default's.
-GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=8388608:glibc.malloc.trim_threshold=16777216"
+# Allocations of at least 4 MB get their own mapping, returned to the system when freed; smaller ones
+# come from the heap, whose free top is returned above 8 MB. SmolLM2 LoRA at 1024 tokens, one thread, peak
+# RSS over the steps against a live peak of 1669 MB, and CPU s/step (one run each, machine under load):
+# default + trim 3991 MB / 30.6 s, 8 MB thresholds + trim 3068 / 32.1, the same + glibc.malloc.hugetlb=1
+# 2895 / 32.1, 4 MB thresholds + trim 1821 / 35.3; glibc's 32 MB bound and mimalloc kept 2-3x (README).
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=8388608"
 # Any of these set by the user means the user chose the allocator's behaviour.
 USER_ALLOCATOR_KEYS = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
                         "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
