@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/train_step.py --models smollm2-lora --seq-lens 1024 --steps 4
     .venv/bin/python benchmarks/train_step.py --trainers ours ours-stacked trl    # also our stacked layout
     .venv/bin/python benchmarks/train_step.py --models smollm2-full --optimizer adamw_8bit   # both 8-bit AdamW
+    .venv/bin/python benchmarks/train_step.py --models smollm2-lora smollm2-full --seq-lens 1024 --profile
 
 Same model, same preference pairs, same batch size (2 pairs) and sequence length, gradient checkpointing on
 for both, fp32 on CPU (bf16 weights and autocast on CUDA), the same LoRA adapter (r 16, alpha 32, no
@@ -26,10 +27,18 @@ Mistral-ORPO-beta's as rejected, from ../shared/data/alpaca_eval), so lengths va
 data. Pairs whose prompt takes more than half the sequence length are dropped, so neither trainer
 truncates a prompt (TRL never does; it truncates responses to max_length - prompt length, like us).
 
-Each (model, trainer, sequence length) runs twice, each time in its own subprocess. The timing run uses
-the default allocator. The memory run (first `--memory-steps` steps) sets MALLOC_MMAP_THRESHOLD_=1048576,
-so RSS follows live memory instead of glibc's retained heap; that setting makes every large allocation a
-fresh mmap and slows CPU steps by up to half, which is why it does not time anything. A worker loads the
+Each (model, trainer, sequence length) runs twice, each time in its own subprocess, and both peaks are
+reported with their ratios:
+- "as users run it": each trainer in its default configuration, ours in the environment our launcher
+  gives its training process (`orpo.memory.training_environment`: glibc malloc thresholds; `orpo train`
+  and the flow's `accelerate launch` both use it), TRL with none. This run is also the one timed.
+- "live" (first `--memory-steps` steps): MALLOC_MMAP_THRESHOLD_=1048576, so RSS follows live memory
+  instead of glibc's retained heap; that setting makes every large allocation a fresh mmap and slows CPU
+  steps by up to half, which is why it does not time anything.
+Besides wall time, each step's process CPU time is reported (`cpu_s_per_step`): on a loaded machine it is
+the steadier figure. The JSON records the load average and `timing_measured_under_load`.
+`--profile` profiles one extra step after the timed ones with torch.profiler and prints the top ops by
+self CPU time (op shares hold under load even where absolute times do not). A worker loads the
 model, touches every parameter (transformers maps safetensors lazily), reads the baseline RSS, then runs
 the steps while a thread samples RSS every 5 ms. The first step is a warm-up and is not timed. Throughput
 counts the tokens of the pairs as two conversations each (prompt + chosen, prompt + rejected; padding
@@ -53,6 +62,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 
@@ -62,6 +72,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 MODELS = ("smollm2-lora", "smollm2-full", "tiny49k-full")
 TRAINERS = ("ours", "ours-stacked", "trl")
 BATCH_PAIRS = 2
+LIVE_MMAP_THRESHOLD = 1048576  # the live-memory run: every allocation of 1 MB or more is its own mapping
 ORPO_LAMBDA = 0.1
 LEARNING_RATE = 5e-6
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, for MFU; override with --peak-tflops.
@@ -169,13 +180,16 @@ def memory_baseline(device: str) -> float:
 
 
 def summarise(times: list[float], tokens: list[int], padded: list[int], *, device: str, baseline: float,
-              peak_rss: float, params: int, peak_flops: float | None) -> dict:
+              peak_rss: float, params: int, peak_flops: float | None, cpu_times: list[float]) -> dict:
     """Per-step times and token counts (warm-up step already dropped) to the reported numbers."""
     import torch
 
     seconds = sum(times)
     result = {
         "s_per_step": statistics.median(times),
+        # CPU seconds of the whole process (all threads) per step: steadier than wall time on a loaded
+        # machine, and it counts the kernel's page-fault work that an allocator setting adds or saves.
+        "cpu_s_per_step": statistics.median(cpu_times),
         "tokens_per_s": sum(tokens) / seconds,
         "timed_steps": len(times),
         "real_tokens_per_step": sum(tokens) / len(tokens),
@@ -193,8 +207,32 @@ def summarise(times: list[float], tokens: list[int], padded: list[int], *, devic
     return result
 
 
+@contextmanager
+def profiled(rows: int = 25):
+    """torch.profiler over the block; yields a list it fills with the top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    table: list[dict] = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _cuda_available() else [])
+    with profile(activities=activities) as prof:
+        yield table
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]:
+        table.append({"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                      "self_cpu_share": e.self_cpu_time_total / total, "cpu_total_ms": e.cpu_time_total / 1e3})
+    table.append({"op": "(all ops)", "calls": sum(e.count for e in events), "self_cpu_ms": total / 1e3,
+                  "self_cpu_share": 1.0, "cpu_total_ms": total / 1e3})
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
-             peak_flops: float | None, optimizer: str, layout: str = "shared_prompt") -> dict:
+             peak_flops: float | None, optimizer: str, profile: bool, layout: str = "shared_prompt") -> dict:
     import torch
     from datasets import Dataset, DatasetDict
 
@@ -220,21 +258,29 @@ def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, st
     model = recipe.accelerator.unwrap_model(recipe.model)
     touch_parameters(model)
     baseline = memory_baseline(device)
-    times, tokens, padded = [], [], []
+    times, tokens, padded, cpu_times = [], [], [], []
     recipe.model.train()
     with RssSampler() as sampler:
         for _ in range(steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             stats = recipe.train_step()
             sums = dict(zip(SUM_KEYS, stats.sums.tolist()))
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
             tokens.append(int(sums["real_tokens"]))
             # Padding share of the computed positions, as a token count comparable with TRL's.
             padded.append(int(sums["real_tokens"] * sums["padded_tokens"] / max(sums["input_tokens"], 1)))
-    return summarise(times[1:], tokens[1:], padded[1:], device=device, baseline=baseline, peak_rss=sampler.peak,
-                     params=sum(p.numel() for p in model.parameters()), peak_flops=peak_flops)
+    result = summarise(times[1:], tokens[1:], padded[1:], device=device, baseline=baseline, peak_rss=sampler.peak,
+                       params=sum(p.numel() for p in model.parameters()), peak_flops=peak_flops,
+                       cpu_times=cpu_times[1:])
+    if profile:  # one more step, after the measured ones: the profiler's overhead is in no figure above
+        recipe.plan.step_pairs = lambda step, pairs=recipe.plan.step_pairs: pairs(1)  # step 1's batch again
+        with profiled() as table:
+            recipe.train_step()
+        result["profile"] = table
+    return result
 
 
 def our_pair_order(rows: list[dict], tokenizer, seq_len: int) -> list[int]:
@@ -250,7 +296,7 @@ def our_pair_order(rows: list[dict], tokenizer, seq_len: int) -> list[int]:
 
 
 def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
-            peak_flops: float | None, optimizer: str, order: list[int] | None = None) -> dict:
+            peak_flops: float | None, optimizer: str, profile: bool, order: list[int] | None = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -276,18 +322,30 @@ def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, ste
         return batch
 
     ends: list[float] = []
+    cpu_ends: list[float] = []
+    profiler, table = (profiled(), {}) if profile else (None, {})
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profiler is not None and state.global_step == steps:  # the extra step after the measured ones
+                table["ops"] = profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
             if device == "cuda":
                 torch.cuda.synchronize()
+            if profiler is not None and state.global_step == steps + 1:
+                profiler.__exit__(None, None, None)
+                return
             ends.append(time.perf_counter())
+            cpu_ends.append(time.process_time())
 
     args = ORPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps, per_device_train_batch_size=BATCH_PAIRS,
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps + profile,
+        per_device_train_batch_size=BATCH_PAIRS,
         gradient_accumulation_steps=1, learning_rate=LEARNING_RATE, beta=ORPO_LAMBDA, max_length=seq_len,
         gradient_checkpointing=True, bf16=device == "cuda", use_cpu=device == "cpu", report_to="none",
         save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, remove_unused_columns=False, seed=0,
@@ -308,10 +366,14 @@ def run_trl(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, ste
     with RssSampler() as sampler:
         trainer.train()
     times = [b - a for a, b in pairwise(ends)]
+    cpu_times = [b - a for a, b in pairwise(cpu_ends)]
     # The dataloader collates one batch ahead; batch i is still step i's.
-    return summarise(times[1:], real_tokens[1:steps], padded_tokens[1:steps], device=device, baseline=baseline,
-                     peak_rss=sampler.peak, params=sum(p.numel() for p in trainer.model.parameters()),
-                     peak_flops=peak_flops)
+    result = summarise(times[1:], real_tokens[1:steps], padded_tokens[1:steps], device=device, baseline=baseline,
+                       peak_rss=sampler.peak, params=sum(p.numel() for p in trainer.model.parameters()),
+                       peak_flops=peak_flops, cpu_times=cpu_times[1:])
+    if profile:
+        result["profile"] = table.get("ops", [])
+    return result
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -326,7 +388,8 @@ def worker(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(str(path))
     rows = keep_short_prompts(preference_rows(args.pairs), tokenizer, args.seq_len)
     options = {"lora": args.model.endswith("lora"), "seq_len": args.seq_len, "steps": args.steps,
-               "device": args.device, "peak_flops": args.peak_flops, "optimizer": args.optimizer}
+               "device": args.device, "peak_flops": args.peak_flops, "optimizer": args.optimizer,
+               "profile": args.profile}
     if args.trainer == "trl":
         order = our_pair_order(rows, tokenizer, args.seq_len) if args.trl_batches == "ours" else None
         result = run_trl(path, rows, order=order, **options)
@@ -355,7 +418,12 @@ def peak_flops_for(device: str, override_tflops: float | None) -> float | None:
 
 
 def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None,
-               *, steps: int, malloc_mmap_threshold: bool) -> dict:
+               *, steps: int, allocator: str, profile: bool = False) -> dict:
+    """One worker subprocess. allocator "user": as a user's machine runs the trainer (ours with the environment
+    our launcher gives its training process, TRL with none); "live": MALLOC_MMAP_THRESHOLD_=1 MB, so that RSS
+    follows live memory."""
+    from orpo.memory import USER_ALLOCATOR_KEYS, training_environment
+
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     command = [sys.executable, __file__, "--worker", "--trainer", trainer, "--model", model,
                "--seq-len", str(seq_len), "--steps", str(steps), "--device", args.device,
@@ -363,12 +431,17 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
                "--trl-batches", args.trl_batches, "--optimizer", args.optimizer]
     if peak_flops:
         command += ["--peak-flops", str(peak_flops)]
+    if profile:
+        command.append("--profile")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    for key in (*USER_ALLOCATOR_KEYS, "ORPO_TRAINING_ENV"):  # whatever this shell set, each run sets its own
+        env.pop(key, None)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if malloc_mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
+    if allocator == "live":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
+    elif trainer != "trl":
+        env = training_environment(env)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.read_text():
@@ -379,17 +452,18 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
 
 
 def measure(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None) -> dict:
-    """Timing from a run on the default allocator, memory from a run with the mmap threshold set."""
-    timing = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.steps, malloc_mmap_threshold=False)
+    """Timing and the peak RSS as users run it from one run, live memory from a run with the 1 MB threshold."""
+    timing = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.steps, allocator="user",
+                        profile=args.profile)
     if "error" in timing or args.device == "cuda":  # CUDA memory is read from the allocator, not RSS
         return timing
-    memory = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.memory_steps,
-                        malloc_mmap_threshold=True)
+    memory = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.memory_steps, allocator="live")
     if "error" in memory:
         return memory
     for key in ("baseline_rss_mb", "peak_rss_mb", "rss_increase_mb"):
-        timing[f"default_allocator_{key}"] = timing[key]
-        timing[key] = memory[key]
+        timing[f"user_{key}"] = timing.pop(key)
+        timing[f"live_{key}"] = memory[key]
+    timing["user_over_live_peak"] = timing["user_peak_rss_mb"] / timing["live_peak_rss_mb"]
     timing["memory_steps"] = args.memory_steps
     timing["wall_s"] += memory["wall_s"]
     return timing
@@ -401,30 +475,46 @@ def ratios(ours: dict, trl: dict) -> dict:
     out = {
         "throughput_ours_over_trl": ours["tokens_per_s"] / trl["tokens_per_s"],
         "s_per_step_ours_over_trl": ours["s_per_step"] / trl["s_per_step"],
-        "peak_rss_ours_over_trl": ours["peak_rss_mb"] / trl["peak_rss_mb"],
     }
-    if ours.get("rss_increase_mb") and trl.get("rss_increase_mb"):
-        out["rss_increase_ours_over_trl"] = ours["rss_increase_mb"] / trl["rss_increase_mb"]
+    for kind in ("user", "live"):
+        for key in ("peak_rss", "rss_increase"):
+            if ours.get(f"{kind}_{key}_mb") and trl.get(f"{kind}_{key}_mb"):
+                out[f"{kind}_{key}_ours_over_trl"] = ours[f"{kind}_{key}_mb"] / trl[f"{kind}_{key}_mb"]
     if ours.get("cuda_peak_mb") and trl.get("cuda_peak_mb"):
         out["cuda_peak_ours_over_trl"] = ours["cuda_peak_mb"] / trl["cuda_peak_mb"]
     return out
 
 
 def print_table(results: list[dict], device: str) -> None:
-    memory = "peak MB (increase)" if device == "cpu" else "CUDA peak MB (increase)"
+    if device == "cpu":
+        memory = "peak MB as users run it (increase) | live peak MB (increase) | users / live"
+    else:
+        memory = "CUDA peak MB (increase) | | "
     print(f"\n| model | seq | trainer | s/step | tokens/s | padding | {memory} | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | {r['seq_len']} | {r['trainer']} | error | | | | |")
+            print(f"| {r['model']} | {r['seq_len']} | {r['trainer']} | error | | | | | | |")
             continue
         if device == "cpu":
-            mem = f"{r['peak_rss_mb']:.0f} ({r['rss_increase_mb']:.0f})"
+            mem = (f"{r['user_peak_rss_mb']:.0f} ({r['user_rss_increase_mb']:.0f}) | "
+                   f"{r['live_peak_rss_mb']:.0f} ({r['live_rss_increase_mb']:.0f}) | {r['user_over_live_peak']:.2f}x")
         else:
-            mem = f"{r['cuda_peak_mb']:.0f} ({r['cuda_increase_mb']:.0f})"
+            mem = f"{r['cuda_peak_mb']:.0f} ({r['cuda_increase_mb']:.0f}) | | "
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         print(f"| {r['model']} | {r['seq_len']} | {r['trainer']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{100 * r['padding_fraction']:.0f}% | {mem} | {mfu} |")
+
+
+def print_profiles(results: list[dict]) -> None:
+    for r in results:
+        if not r.get("profile"):
+            continue
+        print(f"\nprofile of one step, {r['model']} seq {r['seq_len']} {r['trainer']} (top ops by self CPU time)")
+        print("| op | calls | self CPU ms | share | CPU total ms |\n|---|---|---|---|---|")
+        for op in r["profile"]:
+            print(f"| {op['op']} | {op['calls']} | {op['self_cpu_ms']:.0f} | {100 * op['self_cpu_share']:.1f}% | "
+                  f"{op['cpu_total_ms']:.0f} |")
 
 
 def main() -> None:
@@ -447,6 +537,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per worker (default: torch's); 1 is steadier on a shared machine")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one extra step per run after the timed ones (torch.profiler; per-op table)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "orpo-bench-models")
     parser.add_argument("--out", type=Path, default=RESULTS)
     # Internal: one measurement in this process.
@@ -467,6 +559,7 @@ def main() -> None:
         parser.error("--steps must be at least 2 (the first step is a warm-up)")
     args.cache.mkdir(parents=True, exist_ok=True)
     peak_flops = peak_flops_for(args.device, args.peak_tflops)
+    load_before = os.getloadavg()
     results, comparisons = [], []
     for seq_len in args.seq_lens:
         for model in args.models:
@@ -482,30 +575,43 @@ def main() -> None:
                     comparisons.append({"model": model, "seq_len": seq_len, "trainer": ours,
                                         **ratios(pair[ours], pair["trl"])})
     print_table(results, args.device)
-    print("\n| model | seq | trainer | throughput vs TRL | peak memory vs TRL | memory increase vs TRL |")
-    print("|---|---|---|---|---|---|")
+    print_profiles(results)
+    print("\n| model | seq | trainer | throughput vs TRL | peak as users run it vs TRL | live peak vs TRL "
+          "| live increase vs TRL |")
+    print("|---|---|---|---|---|---|---|")
+
+    def ratio(c: dict, key: str) -> str:
+        return f"{c[key]:.2f}x" if c.get(key) else "-"
+
     for c in comparisons:
         if "throughput_ours_over_trl" not in c:
             continue
-        memory = c.get("cuda_peak_ours_over_trl", c["peak_rss_ours_over_trl"])
-        increase = c.get("rss_increase_ours_over_trl")
+        live = "cuda_peak_ours_over_trl" if "cuda_peak_ours_over_trl" in c else "live_peak_rss_ours_over_trl"
         print(f"| {c['model']} | {c['seq_len']} | {c['trainer']} | {c['throughput_ours_over_trl']:.2f}x | "
-              f"{memory:.2f}x | {f'{increase:.2f}x' if increase else '-'} |")
+              f"{ratio(c, 'user_peak_rss_ours_over_trl')} | {ratio(c, live)} | "
+              f"{ratio(c, 'live_rss_increase_ours_over_trl')} |")
 
     import torch
     import transformers
     import trl
 
+    from orpo.memory import training_environment
+
     payload = {
         "device": args.device,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
                  "transformers": transformers.__version__, "trl": trl.__version__,
-                 "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+                 "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                 # Timing is only comparable on an otherwise idle machine; memory figures hold under load.
+                 "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
+                 "timing_measured_under_load": max(load_before[0], os.getloadavg()[0]) > 0.5 + (
+                     args.threads or torch.get_num_threads())},
         "settings": {"batch_pairs": BATCH_PAIRS, "steps": args.steps, "memory_steps": args.memory_steps,
                      "threads": args.threads, "seq_lens": args.seq_lens, "pairs": args.pairs,
                      "trainers": args.trainers, "trl_batches": args.trl_batches, "optimizer": args.optimizer,
                      "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
-                     "memory_run_malloc_mmap_threshold": 1048576},
+                     "live_run_malloc_mmap_threshold": LIVE_MMAP_THRESHOLD,
+                     "ours_launch_environment": {k: v for k, v in training_environment({}).items()}},
         "results": results,
         "comparisons": comparisons,
     }

@@ -418,6 +418,10 @@ def main(argv: list[str] | None = None) -> None:
 
     for key, value in _DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
+    if argv is None:  # the real command line: `orpo train` restarts once under the training allocator settings
+        from orpo.memory import reexec_for_training
+
+        reexec_for_training(sys.argv[1:])
     _mount_all()
     app(args=argv if argv is not None else sys.argv[1:], prog_name="orpo")
 

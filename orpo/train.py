@@ -55,6 +55,7 @@ from orpo.checkpoints import (
 from orpo.config import ConfigError, PipelineConfig, dump_config, load_config
 from orpo.errors import OrpoError, debug_enabled
 from orpo.handoffs import EXPORT_MARKER, METRICS_JSONL, TRAIN_RESULT, TrainResult, write_train_result  # noqa: F401
+from orpo.memory import release_free_memory
 from orpo.pair_data import check_dataset, features, load_pair_data
 from orpo.train_metrics import SUM_KEYS, MetricsSink, batch_sums, metrics_from_sums, peak_memory_mb, pop_counts
 
@@ -328,6 +329,7 @@ class ORPORecipe:
         if not acc.optimizer_step_was_skipped:  # an fp16 overflow skips the update, and the schedule waits
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        release_free_memory()  # the step's freed heap back to the system (orpo.memory)
         self.global_step += 1
         return StepStats(sums=sums, grad_norm=grad_norm)
 

@@ -13,6 +13,7 @@ from prefect.concurrency.sync import concurrency
 from orpo import registry
 from orpo.config import PipelineConfig, dump_config
 from orpo.handoffs import RESOLVED_CONFIG, TrainResult, read_train_result
+from orpo.memory import training_environment
 from orpo.models import PinnedModel, pin_model
 from orpo.train import train
 from tasks.common import retry_on_transient, stream_subprocess
@@ -91,8 +92,10 @@ def _train(config: PipelineConfig, dataset_dir: Path, output_dir: Path, logger) 
         config_file = dump_config(config, output_dir / RESOLVED_CONFIG)
         command = accelerate_command(config, config_file, dataset_dir, output_dir)
         logger.info("launching: %s", " ".join(command))
-        # The subprocess resolves a models:/NAME/N start model in the same registry (and finds it cached).
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": config.resolved_tracking_uri()}
+        # The subprocess resolves a models:/NAME/N start model in the same registry (and finds it cached), and
+        # gets the allocator settings of orpo.memory.
+        env = training_environment({**os.environ, "PYTHONUNBUFFERED": "1",
+                                    "MLFLOW_TRACKING_URI": config.resolved_tracking_uri()})
         code, tail = stream_subprocess(command, logger, env=env, timeout_s=config.orchestration.train_timeout_s)
         if code != 0:
             raise TrainingFailed(
