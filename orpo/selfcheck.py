@@ -69,7 +69,7 @@ class SelfCheckSettings:
     chunk_size: int
     mixed_precision: str = "no"  # "bf16"/"fp16" widen the tolerance, like 16-bit weights do
     pad_to_multiple_of: int = 8
-    max_pairs: int = 2  # pairs of the batch that are checked: 3 forwards of 2 x max_pairs rows, no backward
+    max_pairs: int = 2  # pairs of the batch that are checked, one at a time: 3 forwards of 2 rows each, no backward
 
     @classmethod
     def from_train_config(cls, train_cfg: Any, pad_token_id: int, layout: str | None = None) -> SelfCheckSettings:
@@ -145,8 +145,8 @@ def run_self_check(model: nn.Module, pairs: list[dict[str, Any]], settings: Self
     check_layout = layout == "shared_prompt"
     device = next(p.device for p in model.parameters())
 
-    def run(layout_name: str, chunked: bool) -> SequenceLogps:
-        batch = make_collator(layout_name, settings.pad_token_id, settings.pad_to_multiple_of)(pairs)
+    def run(pair: dict[str, Any], layout_name: str, chunked: bool) -> SequenceLogps:
+        batch = make_collator(layout_name, settings.pad_token_id, settings.pad_to_multiple_of)([pair])
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if chunked:
             return model_sequence_logps(model, batch, nll_on_prompt=settings.nll_on_prompt,
@@ -156,12 +156,21 @@ def run_self_check(model: nn.Module, pairs: list[dict[str, Any]], settings: Self
     was_training = model.training
     model.eval()  # dropout would make two forwards of the same rows differ
     try:
+        chunked_dev = layout_dev = 0.0
+        reference_ok = 1.0
         with torch.no_grad():
-            reference = run("stacked", chunked=False)
-            # Every process runs the same forwards in the same order, whatever its numbers (see above).
-            chunked_dev = _deviation(run("stacked", chunked=True), reference) if check_chunked else 0.0
-            layout_dev = _deviation(run("shared_prompt", chunked=False), reference) if check_layout else 0.0
-            reference_ok = float(torch.isfinite(reference.logps).all() and torch.isfinite(reference.nll_sum))
+            # One pair at a time: the full-logits reference is a (2, T, V) tensor, no bigger than what a training
+            # step of one pair holds, so the check never sets the run's peak memory.
+            for pair in pairs:
+                reference = run(pair, "stacked", chunked=False)
+                # Every process runs the same forwards in the same order, whatever its numbers (see above).
+                if check_chunked:
+                    chunked_dev = max(chunked_dev, _deviation(run(pair, "stacked", chunked=True), reference))
+                if check_layout:
+                    layout_dev = max(layout_dev, _deviation(run(pair, "shared_prompt", chunked=False), reference))
+                finite = bool(torch.isfinite(reference.logps).all() and torch.isfinite(reference.nll_sum))
+                reference_ok = min(reference_ok, float(finite))
+                del reference
     finally:
         model.train(was_training)
     chunked_dev, layout_dev, reference_bad = _agree([chunked_dev, layout_dev, 1.0 - reference_ok], device)
