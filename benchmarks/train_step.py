@@ -440,7 +440,7 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if allocator == "live":
         env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
-    elif trainer != "trl":
+    elif trainer != "trl" and args.ours_env == "launcher":
         env = training_environment(env)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -529,6 +529,9 @@ def main() -> None:
                              "random: TRL's own random sampler (default TRL usage, more padding)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw",
                         help="for both trainers: torch AdamW, or bitsandbytes' 8-bit AdamW (TRL: adamw_bnb_8bit)")
+    parser.add_argument("--ours-env", choices=["launcher", "none"], default="launcher",
+                        help="our trainer's 'user' run: in the launcher's allocator environment (orpo.memory), as "
+                        "`orpo train` runs it, or in none (glibc defaults), to time what the environment costs")
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="steps of the separate memory run (CPU), warm-up included (default 2)")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="default 256 1024 (--quick: 256)")
@@ -611,7 +614,8 @@ def main() -> None:
                      "trainers": args.trainers, "trl_batches": args.trl_batches, "optimizer": args.optimizer,
                      "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
                      "live_run_malloc_mmap_threshold": LIVE_MMAP_THRESHOLD,
-                     "ours_launch_environment": {k: v for k, v in training_environment({}).items()}},
+                     "ours_launch_environment": ({k: v for k, v in training_environment({}).items()}
+                                                 if args.ours_env == "launcher" else {})},
         "results": results,
         "comparisons": comparisons,
     }
