@@ -552,6 +552,8 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_steps < 2:
+        parser.error("--memory-steps must be at least 2: the first step is a warm-up and is not measured")
     if args.worker:
         worker(args)
         return
