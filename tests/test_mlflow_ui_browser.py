@@ -43,7 +43,9 @@ def populated(tmp_path_factory, tiny_model_dir):
     with MlflowServer(root / "server") as server:
         config = PipelineConfig.model_validate(
             {"workdir": str(root / "work"),
-             "registry": {"tracking_uri": server.url, "registered_model_name": "ui-model"}}
+             # The point-estimate gate: these versions carry metrics, not evaluation files to pair.
+             "registry": {"tracking_uri": server.url, "registered_model_name": "ui-model",
+                          "gate": {"mode": "threshold"}}}
         )
         configure_mlflow(config)
         first = register_training_run(config, make_train_dir(root, lora=False, base_dir=tiny_model_dir, seed=0))
