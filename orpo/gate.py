@@ -33,7 +33,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from orpo.head_to_head import EvaluationFiles, HeadToHead, read_evaluation
+from orpo.head_to_head import (
+    MT_BENCH_SCORE,
+    PREFERENCE_ACCURACY,
+    EvaluationFiles,
+    HeadToHead,
+    read_evaluation,
+)
 
 if TYPE_CHECKING:
     from orpo.config import GateConfig, PipelineConfig
@@ -41,9 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MT_BENCH_SCORE = "mt_bench/score"
+# The threshold rule's AlpacaEval metric: the leaderboard protocol's name (head_to_head's ALPACA_WIN_RATE is a
+# chart key for win rates computed from saved annotations, whatever their protocol).
 ALPACA_WIN_RATE = "alpaca_eval2/win_rate"
-PREFERENCE_ACCURACY = "preference/accuracy"
 GATED_METRICS = (MT_BENCH_SCORE, ALPACA_WIN_RATE, PREFERENCE_ACCURACY)
 # Judge-based metrics are named by the protocol that produced them (evals.protocols: `alpaca_eval2/win_rate`
 # official, `alpaca_local_judge/win_rate`, `mt_bench_other_judge/score`, ...). A threshold rule compares a
