@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from orpo.errors import OrpoError
+
 log = logging.getLogger(__name__)
 
 FASTCHAT_REVISION = "0e6d3e4beaab66f4d3f93db72541a4abab8af28d"  # lm-sys/FastChat
@@ -24,7 +26,7 @@ _FASTCHAT = f"https://raw.githubusercontent.com/lm-sys/FastChat/{FASTCHAT_REVISI
 _ALPACA = f"https://raw.githubusercontent.com/tatsu-lab/alpaca_eval/{ALPACA_EVAL_REVISION}"
 
 
-class OfficialDataError(ValueError):
+class OfficialDataError(OrpoError, ValueError):
     """Official data that cannot be had; the message names the file and the config key."""
 
 
