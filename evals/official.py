@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from orpo.data.readers import file_sha256
 from orpo.errors import OrpoError
 
 log = logging.getLogger(__name__)
@@ -64,17 +65,9 @@ MT_BENCH_REFERENCES = OfficialFile(
 )
 
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_official(path: str | Path | None, official: OfficialFile) -> bool:
     """Whether a local file is byte for byte the pinned official file."""
-    return path is not None and Path(path).is_file() and sha256_of(path) == official.sha256
+    return path is not None and Path(path).is_file() and file_sha256(path) == official.sha256
 
 
 def default_cache_dir() -> Path:
@@ -96,7 +89,7 @@ def _missing(official: OfficialFile, why: str) -> OfficialDataError:
 def official_file(official: OfficialFile, cache_dir: str | Path | None = None) -> Path:
     """The official file from the cache, downloading it first when online."""
     target = Path(cache_dir or default_cache_dir()) / "eval-data" / official.name
-    if target.is_file() and sha256_of(target) == official.sha256:
+    if target.is_file() and file_sha256(target) == official.sha256:
         return target
     if is_offline():
         raise _missing(official, "not cached and this run is offline (HF_HUB_OFFLINE/ORPO_OFFLINE)")

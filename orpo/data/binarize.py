@@ -54,8 +54,8 @@ from orpo.data.readers import (
     DataPreparationError,
     RawItem,
     Shard,
-    _file_sha256,
     _total_bytes,
+    file_sha256,
     input_fingerprint,
     is_hub_id,
     iter_file,
@@ -105,7 +105,7 @@ def _key_payload(cfg: DataConfig, input_fp: str) -> dict[str, Any]:
                     f"decontamination file {path} does not exist; give MT-Bench question.jsonl or an AlpacaEval "
                     "json (data.decontamination_files / --decontamination-file), or turn decontamination off"
                 )
-        options["decontamination_file_sha256"] = [_file_sha256(p) for p in cfg.decontamination_files]
+        options["decontamination_file_sha256"] = [file_sha256(p) for p in cfg.decontamination_files]
     return {"format": FORMAT_VERSION, "input": input_fp, "options": options}
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orpo.data.readers import DataPreparationError, Shard, _file_sha256
+from orpo.data.readers import DataPreparationError, Shard, file_sha256
 from orpo.data.ultrafeedback import DROP_REASONS
 from orpo.handoffs import MANIFEST, DataManifest, read_manifest
 
@@ -89,7 +89,7 @@ def build_manifest(
     decontamination = None
     if cfg.decontaminate and decontaminator is not None:
         decontamination = {
-            "files": [{"path": p, "sha256": _file_sha256(p)} for p in cfg.decontamination_files],
+            "files": [{"path": p, "sha256": file_sha256(p)} for p in cfg.decontamination_files],
             "eval_prompts": decontaminator.eval_prompt_count,
             "ngram": cfg.decontamination_ngram,
             "sources": sorted(decontaminator.sources),

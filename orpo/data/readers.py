@@ -96,7 +96,7 @@ def list_shards(source: str) -> list[Shard]:
     root = _glob_root(source)[0] if is_glob(source) else path if path.is_dir() else None
     return [
         Shard(file.relative_to(root).as_posix() if root is not None else "", file, file.stat().st_size,
-              _file_sha256(file))
+              file_sha256(file))
         for file in input_files(source)
     ]
 
@@ -124,7 +124,7 @@ def input_fingerprint(cfg: DataConfig, shards: list[Shard] | None = None) -> str
     return digest.hexdigest()
 
 
-def _file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     # readinto one reused buffer: a fresh multi-MB bytes object per read costs page faults, not just copies.
     digest = hashlib.sha256()
     buffer = bytearray(chunk_bytes)
