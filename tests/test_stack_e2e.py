@@ -180,4 +180,6 @@ def test_quick_run_from_the_prefect_ui(stack):
         page.screenshot(path=str(ARTIFACTS / "prefect-quick-run-completed.png"), full_page=True)
         browser.close()
     assert final.state.is_completed(), f"flow run ended {final.state.type}: {final.state.message}"
-    assert _versions(stack) == before + 1
+    # A manual run with inputs a registered version already has completes without training (issue 13): only a
+    # first run on this stack registers.
+    assert _versions(stack) == (before if before else 1)
