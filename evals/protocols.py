@@ -3,9 +3,10 @@
 The leaderboard names are used only for the official protocol run end to end on the official data:
 `alpaca_eval2/...` (AlpacaEval 2.0: `weighted_alpaca_eval_gpt4_turbo`, annotator gpt-4-1106-preview,
 the 805 instructions with the gpt4_1106_preview baseline) and `mt_bench/...` (FastChat single grading with
-GPT-4, its judge prompts and GPT-4 reference answers, the 80 questions). Any deviation gets its own prefix,
-the first that applies in this order: a local hf judge, a custom prompt, another evaluator, another judge
-model, other data or a subset. Every prefix has a one-line description for reports and tables.
+GPT-4, its judge prompts and GPT-4 reference answers, the 80 questions, answers generated as FastChat's
+gen_model_answer does: up to 1024 new tokens). Any deviation gets its own prefix, the first that applies in
+this order: a local hf judge, a custom prompt, another evaluator, another judge model, other data or a
+subset, other generation settings. Every prefix has a one-line description for reports and tables.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 OFFICIAL_ALPACA_EVALUATOR = "weighted_alpaca_eval_gpt4_turbo"
 OFFICIAL_ALPACA_ANNOTATOR = "gpt-4-1106-preview"
 OFFICIAL_MT_BENCH_JUDGE = "gpt-4"
+# FastChat gen_model_answer.py's --max-new-token default: the answers MT-Bench's scores were produced from.
+OFFICIAL_MT_BENCH_MAX_NEW_TOKENS = 1024
 
 PREFIX_DESCRIPTIONS = {
     "alpaca_eval2": "AlpacaEval 2.0 official (weighted_alpaca_eval_gpt4_turbo, gpt-4-1106-preview, 805 instructions)",
@@ -22,11 +25,14 @@ PREFIX_DESCRIPTIONS = {
     "alpaca_eval2_other_annotator": "AlpacaEval 2.0 protocol with another annotator model: not leaderboard-comparable",
     "alpaca_custom_prompt": "AlpacaEval-style with a custom prompt: not leaderboard-comparable",
     "alpaca_local_judge": "AlpacaEval-style with a local hf judge: plumbing check, not leaderboard-comparable",
-    "mt_bench": "MT-Bench official (FastChat single grading, gpt-4 judge, GPT-4 references, 80 questions)",
+    "mt_bench": "MT-Bench official (FastChat single grading, gpt-4 judge, GPT-4 references, 80 questions, answers of "
+                "up to 1024 new tokens)",
     "mt_bench_subset": "MT-Bench protocol on other questions or a subset: not leaderboard-comparable",
     "mt_bench_other_judge": "MT-Bench protocol with another judge model: not leaderboard-comparable",
     "mt_bench_custom_prompts": "MT-Bench-style with non-FastChat judge prompts: not leaderboard-comparable",
     "mt_bench_local_judge": "MT-Bench-style with a local hf judge: plumbing check, not leaderboard-comparable",
+    "mt_bench_other_generation": "MT-Bench protocol on answers generated with other settings than FastChat's "
+                                 "(max_new_tokens): not leaderboard-comparable",
 }
 PREFIX_SHORT = {
     "alpaca_eval2": "AlpacaEval 2.0 official",
@@ -39,6 +45,7 @@ PREFIX_SHORT = {
     "mt_bench_other_judge": "MT-Bench protocol, other judge",
     "mt_bench_custom_prompts": "custom prompts (unofficial)",
     "mt_bench_local_judge": "local hf judge (unofficial)",
+    "mt_bench_other_generation": "MT-Bench protocol, other answer length",
 }
 LC_OFFICIAL = "length_controlled_winrate"  # alpaca_eval's length_controlled_v1 GLM
 LC_MINIMAL = "lc_minimal_glm_winrate"  # length + baseline terms only, fitted on this model's annotations
@@ -83,7 +90,8 @@ def alpaca_protocol(*, judge_kind: str, evaluator: str, annotator_model: str, cu
 
 
 def mt_bench_protocol(*, judge_kind: str, judge_model: str, fastchat_prompts: bool, official_questions: bool,
-                      official_references: bool, subset: bool) -> Protocol:
+                      official_references: bool, subset: bool, max_new_tokens: int) -> Protocol:
+    """`max_new_tokens`: the answers' generation limit (FastChat's is 1024; other limits change the answers)."""
     deviations = []
     if judge_kind != "openai":
         deviations.append(("mt_bench_local_judge", f"hf judge {judge_model}"))
@@ -97,6 +105,9 @@ def mt_bench_protocol(*, judge_kind: str, judge_model: str, fastchat_prompts: bo
         deviations.append(("mt_bench_subset", "not FastChat's GPT-4 reference answers"))
     if subset:
         deviations.append(("mt_bench_subset", "a subset of the questions"))
+    if max_new_tokens != OFFICIAL_MT_BENCH_MAX_NEW_TOKENS:
+        deviations.append(("mt_bench_other_generation", f"answers generated with max_new_tokens={max_new_tokens}, "
+                                                         f"not FastChat's {OFFICIAL_MT_BENCH_MAX_NEW_TOKENS}"))
     return _protocol("mt_bench", f"judge {judge_model}", deviations)
 
 

@@ -215,7 +215,7 @@ class _Evaluation:
         protocol = mt_bench_protocol(
             judge_kind=judge.kind, judge_model=judge_model, fastchat_prompts=fastchat_prompts,
             official_questions=official_questions, official_references=official_references,
-            subset=len(questions) < 80,
+            subset=len(questions) < 80, max_new_tokens=self.ev.max_new_tokens,
         )
         answers = generate_mt_bench_answers(
             self.model, self.tokenizer, questions, model_id=self.label, max_new_tokens=self.ev.max_new_tokens,

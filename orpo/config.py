@@ -317,7 +317,11 @@ class EvalConfig(_Section):
     lc_glm_df_gamed: str | None = Field(
         None, description="Path to alpaca_eval's df_gamed.csv for the full length-controlled GLM."
     )
-    max_new_tokens: int = Field(512, gt=0)
+    max_new_tokens: int = Field(
+        512, gt=0,
+        description="Generation limit of AlpacaEval outputs and MT-Bench answers; MT-Bench numbers get the official "
+        "mt_bench/ names only at FastChat's 1024.",
+    )
     batch_size: int = Field(8, gt=0)
     seed: int = 0
     diversity_samples: int = Field(4, ge=2, description="Samples per prompt for per-input diversity.")

@@ -253,8 +253,14 @@ def test_protocol_names():
     assert alpaca_protocol(**{**official, "judge_kind": "hf"}).prefix == "alpaca_local_judge"
     assert alpaca_protocol(**{**official, "annotator_model": "llama"}).prefix == "alpaca_eval2_other_annotator"
     mt = dict(judge_kind="openai", judge_model="gpt-4", fastchat_prompts=True, official_questions=True,
-              official_references=True, subset=False)
+              official_references=True, subset=False, max_new_tokens=1024)
     assert mt_bench_protocol(**mt).prefix == "mt_bench"
+    # FastChat's gen_model_answer writes answers of up to 1024 new tokens; shorter (truncated) or longer
+    # answers are graded differently, so their scores are not MT-Bench's.
+    for tokens in (512, 2048):
+        other = mt_bench_protocol(**{**mt, "max_new_tokens": tokens})
+        assert other.prefix == "mt_bench_other_generation" and not other.official
+        assert f"max_new_tokens={tokens}" in other.description
     assert mt_bench_protocol(**{**mt, "official_references": False}).prefix == "mt_bench_subset"
     assert mt_bench_protocol(**{**mt, "judge_model": "gpt-4o"}).prefix == "mt_bench_other_judge"
     assert mt_bench_protocol(**{**mt, "judge_kind": "hf"}).prefix == "mt_bench_local_judge"
@@ -289,6 +295,7 @@ def test_evaluate_model_with_an_endpoint_judge_names_protocols_and_writes_offici
     assert "alpaca_eval2_subset/win_rate" in metrics and "mt_bench_subset/score" in metrics
     assert not any(name.startswith(("alpaca_eval2/", "mt_bench/")) for name in metrics)
     assert set(result.protocols) == {"alpaca_eval2_subset", "mt_bench_subset"}
+    assert "max_new_tokens=6, not FastChat's 1024" in result.protocols["mt_bench_subset"]
     assert {b["model"] for b in server.bodies if b.get("logprobs")} == {"gpt-4-1106-preview"}
     assert {b["model"] for b in server.bodies if not b.get("logprobs")} == {"gpt-4"}
     judgments = [json.loads(line) for line in (out / "model_judgment" / "gpt-4_single.jsonl").read_text().splitlines()]
@@ -374,6 +381,7 @@ def test_the_official_protocols_on_the_official_data_get_the_leaderboard_names(
             f"eval.mt_bench_judge_prompts={shared_data / 'mt_bench' / 'judge_prompts.jsonl'}",
             f"eval.mt_bench_reference_answers={shared_data / 'mt_bench' / 'reference_answer_gpt-4.jsonl'}",
             "eval.suites=[alpaca,mtbench]",
+            "eval.max_new_tokens=1024",  # FastChat's answer length: part of the MT-Bench protocol
         ])
         result = evaluate_model(config, str(tiny_model_dir), tmp_path / "report", api_key=SECRET, progress=False)
     metrics = result.metrics
