@@ -198,11 +198,15 @@ def judge_head_to_head(
 
 
 def _preference(annotation: dict[str, Any]) -> float | None:
+    """The preference as alpaca_eval's get_winrate reads it: 0 (its old code for a draw) is 1.5, anything
+    outside [1, 2] (NaN included) is not a preference."""
     value = annotation.get("preference")
     if value is None:
         return None
     value = float(value)
-    return value if math.isfinite(value) else None
+    if value == 0.0:
+        return TIE
+    return value if 1.0 <= value <= 2.0 else None
 
 
 def win_rate_difference(annotations: Sequence[dict[str, Any]], *, confidence: float, n_resamples: int,

@@ -132,6 +132,24 @@ def test_mt_bench_pairs_by_question_and_turn_and_drops_failures():
     assert decision.outcome == KEPT and "could not be compared" in decision.reason
 
 
+def test_alpaca_win_rates_read_annotations_as_alpaca_eval_does():
+    """Preference 0 is alpaca_eval's old code for a draw and values outside [1, 2] are not preferences:
+    get_winrate counts the first as 1.5 and leaves the others out, and so must every win rate read from files."""
+    from alpaca_eval.metrics import get_winrate
+
+    from orpo.head_to_head import win_rate_difference
+
+    preferences = [2.0, 1.0, 0.0, 0.0, 1.75, 1.5, float("nan"), -1.0, 3.0, 2.0, 1.2, 0.0]
+    annotations = [{"preference": p} for p in preferences]
+    official = get_winrate(annotations)
+    estimate = model_estimates(EvaluationFiles(root=None, annotations=annotations))["alpaca/win_rate"]
+    assert estimate.estimate == pytest.approx(official["win_rate"], abs=1e-9)
+    assert estimate.n == official["n_total"]
+    head = win_rate_difference(annotations, confidence=0.95, n_resamples=200, seed=0)
+    assert head.interval.estimate == pytest.approx(official["win_rate"], abs=1e-9)
+    assert head.n_failed == len(preferences) - official["n_total"]
+
+
 def test_identical_mt_bench_conversations_differ_by_zero_whatever_the_judge_said():
     answers = [{"question_id": 1, "model_id": "m", "choices": [{"index": 0, "turns": ["a", "b"]}]}]
     changed = [{"question_id": 1, "model_id": "m", "choices": [{"index": 0, "turns": ["a", "c"]}]}]
