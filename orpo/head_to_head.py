@@ -230,6 +230,12 @@ def _judge_name(judgment: dict[str, Any]) -> str:
     return str(judge[0]) if isinstance(judge, (list, tuple)) and judge else str(judge)
 
 
+def _judge_prompt(judgment: dict[str, Any]) -> str | None:
+    """The judge prompt's name (FastChat's `single-v1`, ..., or the built-in ones); None when not recorded."""
+    judge = judgment.get("judge")
+    return str(judge[1]) if isinstance(judge, (list, tuple)) and len(judge) > 1 else None
+
+
 def _score(judgment: dict[str, Any]) -> float | None:
     try:
         value = float(judgment.get("score"))
@@ -256,6 +262,14 @@ def mt_bench_difference(champion: EvaluationFiles, challenger: EvaluationFiles, 
         return f"MT-Bench judged by different judges ({', '.join(sorted(judges))}); scores are not comparable"
     theirs = {(int(j["question_id"]), int(j["turn"])): _score(j) for j in champion.mt_bench_judgments}
     mine = {(int(j["question_id"]), int(j["turn"])): _score(j) for j in challenger.mt_bench_judgments}
+    # The same judge with other prompts (FastChat's vs the built-in ones) grades on another scale.
+    their_prompts = {(int(j["question_id"]), int(j["turn"])): _judge_prompt(j) for j in champion.mt_bench_judgments}
+    my_prompts = {(int(j["question_id"]), int(j["turn"])): _judge_prompt(j) for j in challenger.mt_bench_judgments}
+    mismatched = sorted({(their_prompts[k], my_prompts[k]) for k in set(theirs) & set(mine)
+                         if their_prompts[k] != my_prompts[k]}, key=str)
+    if mismatched:
+        pairs = ", ".join(f"{a} vs {b}" for a, b in mismatched[:4])
+        return f"MT-Bench graded with different judge prompts ({pairs}); scores are not comparable"
     old, new = _conversations(champion.mt_bench_answers), _conversations(challenger.mt_bench_answers)
     differences, groups, failed, ties = [], [], 0, 0
     for key in sorted(set(theirs) & set(mine)):

@@ -132,6 +132,19 @@ def test_mt_bench_pairs_by_question_and_turn_and_drops_failures():
     assert decision.outcome == KEPT and "could not be compared" in decision.reason
 
 
+def test_mt_bench_judged_with_other_prompts_is_not_compared():
+    """The same judge model grading with FastChat's prompts on one side and the built-in ones on the other
+    gives scores on different scales: not a difference between the models."""
+    champion = judgments("v1", {(q, t): 5 for q in range(1, 11) for t in (1, 2)})
+    challenger = [{**j, "judge": ["judge-x", "builtin-single" if j["turn"] == 1 else "builtin-multi"], "score": 9}
+                  for j in judgments("v2", {(q, t): 9 for q in range(1, 11) for t in (1, 2)})]
+    result, decision = run_gate(files(None, champion), files(None, challenger), NoJudge(),
+                                GateConfig(primary_metric="mt_bench/score", gated_metrics=["mt_bench/score"]))
+    assert MT_BENCH_SCORE not in result.differences
+    assert "different judge prompts" in result.missing[MT_BENCH_SCORE]
+    assert decision.outcome == KEPT
+
+
 def test_alpaca_win_rates_read_annotations_as_alpaca_eval_does():
     """Preference 0 is alpaca_eval's old code for a draw and values outside [1, 2] are not preferences:
     get_winrate counts the first as 1.5 and leaves the others out, and so must every win rate read from files."""
