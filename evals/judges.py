@@ -14,8 +14,9 @@ milliseconds). What cannot succeed is handled by its kind:
 - a judge that never answered (connection refused `down_after` times before any success) stops the run
   within seconds with one message naming its URL.
 
-Every completion is cached on disk under a hash of the whole request body, so changing any setting never
-reuses old judgments. The API key lives in the client only: it is never part of a cache key, a log line, a
+Every completion is cached on disk under a hash of the endpoint's URL and the whole request body, so changing
+any setting never reuses old judgments, and another endpoint serving a model under the same name (a local
+stand-in named gpt-4) never has its judgments served for the real judge's. The API key lives in the client only: it is never part of a cache key, a log line, a
 repr or an error message.
 
 The `hf` judge generates greedily with a local model, can start its reply with a `prefill` (a small model
@@ -314,7 +315,7 @@ class OpenAIJudge:
         raise _ItemFailed(f"gave up after {self.max_retries + 1} attempts; last error: {reason}")
 
     def _one(self, request: dict[str, Any]) -> JudgeReply:
-        key = JudgeCache.key(request) if self.cache else None
+        key = JudgeCache.key({"endpoint": self.url, "request": request}) if self.cache else None
         if self.cache and key:
             cached = self.cache.get(key)
             if cached is not None and isinstance(cached.get("choice"), dict):

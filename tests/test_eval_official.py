@@ -230,6 +230,11 @@ def test_cache_key_covers_every_request_field(tmp_path):
         assert len(server.bodies) == 5 and judge.stats.cache_hits == 1
         _judge(server.url, tmp_path, model="other").chat([{"messages": messages, "max_tokens": 2}])
         assert len(server.bodies) == 6
+    # Another endpoint serving a model under the same name (a local stand-in served as gpt-4-1106-preview)
+    # is another judge: its judgments must never be served for the real one's, and the other way round.
+    with JudgeServer() as stand_in:
+        reply = _judge(stand_in.url, tmp_path).chat([{"messages": messages, "max_tokens": 2}])
+        assert len(stand_in.bodies) == 1 and reply[0].text is not None
 
 
 def test_official_data_is_recognised_and_offline_errors_name_file_and_key(shared_data, tmp_path, monkeypatch):
