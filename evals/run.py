@@ -212,13 +212,14 @@ class _Evaluation:
             references, official_references = {}, False
         judge = self.judge
         judge_model = self.ev.judge.mt_bench_judge_model if judge.kind == "openai" else judge.model
+        max_new_tokens = self.ev.mt_bench_max_new_tokens or self.ev.max_new_tokens
         protocol = mt_bench_protocol(
             judge_kind=judge.kind, judge_model=judge_model, fastchat_prompts=fastchat_prompts,
             official_questions=official_questions, official_references=official_references,
-            subset=len(questions) < 80, max_new_tokens=self.ev.max_new_tokens,
+            subset=len(questions) < 80, max_new_tokens=max_new_tokens,
         )
         answers = generate_mt_bench_answers(
-            self.model, self.tokenizer, questions, model_id=self.label, max_new_tokens=self.ev.max_new_tokens,
+            self.model, self.tokenizer, questions, model_id=self.label, max_new_tokens=max_new_tokens,
             batch_size=self.ev.batch_size, seed=self.ev.seed, progress=self.progress,
         )
         write_jsonl(answers, self.out / "model_answer" / f"{self.label}.jsonl")

@@ -319,8 +319,13 @@ class EvalConfig(_Section):
     )
     max_new_tokens: int = Field(
         512, gt=0,
-        description="Generation limit of AlpacaEval outputs and MT-Bench answers; MT-Bench numbers get the official "
-        "mt_bench/ names only at FastChat's 1024.",
+        description="Generation limit of AlpacaEval outputs (and of MT-Bench answers unless mt_bench_max_new_tokens "
+        "is set).",
+    )
+    mt_bench_max_new_tokens: int | None = Field(
+        None, gt=0,
+        description="Generation limit of MT-Bench answers (default: max_new_tokens); MT-Bench numbers get the "
+        "official mt_bench/ names only at FastChat's 1024.",
     )
     batch_size: int = Field(8, gt=0)
     seed: int = 0

@@ -34,6 +34,10 @@ def test_paper_recipe_matches_the_authors_script():
     assert config.train.mixed_precision == "bf16"
     # 4 GPUs (the authors' A100s) x per-device batch x accumulation = global batch 32
     assert 4 * config.train.per_device_batch_size * config.train.gradient_accumulation_steps == 32
+    # MT-Bench answers at FastChat's 1024 new tokens, else its numbers are not logged as mt_bench/*.
+    from evals.protocols import OFFICIAL_MT_BENCH_MAX_NEW_TOKENS
+
+    assert (config.eval.mt_bench_max_new_tokens or config.eval.max_new_tokens) == OFFICIAL_MT_BENCH_MAX_NEW_TOKENS
 
 
 def test_overrides_are_typed_and_nested(tmp_path):

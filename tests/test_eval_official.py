@@ -366,11 +366,15 @@ def test_the_official_protocols_on_the_official_data_get_the_leaderboard_names(
     from evals.run import evaluate_model
     from orpo.config import load_config
 
-    def outputs(model, tokenizer, rows, *, generator, **_):  # canned answers: this test is about the names
+    limits = {}
+
+    def outputs(model, tokenizer, rows, *, generator, **kwargs):  # canned answers: this test is about the names
+        limits["alpaca"] = kwargs["max_new_tokens"]
         return [{"instruction": r["instruction"], "output": r["output"][: 50 + 7 * (i % 90)], "generator": generator,
                  "dataset": r["dataset"]} for i, r in enumerate(rows)]
 
-    def answers(model, tokenizer, questions, *, model_id, **_):
+    def answers(model, tokenizer, questions, *, model_id, **kwargs):
+        limits["mtbench"] = kwargs["max_new_tokens"]
         return [{"question_id": q["question_id"], "answer_id": str(q["question_id"]), "model_id": model_id,
                  "choices": [{"index": 0, "turns": [f"answer {q['question_id']} {t}" for t in (1, 2)]}], "tstamp": 0}
                 for q in questions]
@@ -386,10 +390,13 @@ def test_the_official_protocols_on_the_official_data_get_the_leaderboard_names(
             f"eval.mt_bench_judge_prompts={shared_data / 'mt_bench' / 'judge_prompts.jsonl'}",
             f"eval.mt_bench_reference_answers={shared_data / 'mt_bench' / 'reference_answer_gpt-4.jsonl'}",
             "eval.suites=[alpaca,mtbench]",
-            "eval.max_new_tokens=1024",  # FastChat's answer length: part of the MT-Bench protocol
+            # AlpacaEval outputs as long as alpaca_eval's model configs allow; MT-Bench answers at FastChat's
+            # 1024 tokens, part of the MT-Bench protocol.
+            "eval.max_new_tokens=2048", "eval.mt_bench_max_new_tokens=1024",
         ])
         result = evaluate_model(config, str(tiny_model_dir), tmp_path / "report", api_key=SECRET, progress=False)
     metrics = result.metrics
+    assert limits == {"alpaca": 2048, "mtbench": 1024}
     assert set(result.protocols) == {"alpaca_eval2", "mt_bench"}
     assert metrics["alpaca_eval2/n_total"] == 805 and "mt_bench/category/writing" in metrics
     # Offline there is no df_gamed.csv, so never the leaderboard's LC name; and this judge's preferences are
