@@ -345,9 +345,15 @@ def evaluate_model(
     the model and, when given, `base_model_path`. Writes report.json, report.md and charts to `out_dir`.
     """
     from evals.report import Report, write_report
+    from orpo.head_to_head import evaluation_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A reused directory (the start model's, night after night) must not keep an earlier evaluation's files
+    # (another judge's judgments, a suite no longer run): they would be read back as this evaluation's.
+    for stale in evaluation_files(out):
+        log.info("removing %s of an earlier evaluation", stale)
+        stale.unlink()
     suites = list(dict.fromkeys(config.eval.suites))
     log.info("evaluating %s with suites %s into %s", model_path, ", ".join(suites), out)
     run = _Evaluation(config, model_path, out, api_key=api_key, progress=progress)

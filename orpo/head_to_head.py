@@ -79,6 +79,16 @@ def _load(path: Path | None) -> Any:
         raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); re-run that evaluation") from None
 
 
+_READ = {
+    "alpaca_outputs": ["model_outputs.json"],
+    "annotations": ["annotations.json"],
+    "mt_bench_answers": ["model_answer/*.jsonl", "model_answer.jsonl"],
+    "mt_bench_judgments": ["model_judgment/*_single.jsonl", "model_judgment.jsonl"],
+    "preference_margins": [PREFERENCE_MARGINS_FILE],
+    "report": ["report.json"],
+}
+
+
 def read_evaluation(report_dir: str | Path) -> EvaluationFiles:
     """Read an evaluation directory, the reworked layout first, today's file names as the fallback.
 
@@ -87,15 +97,14 @@ def read_evaluation(report_dir: str | Path) -> EvaluationFiles:
     model_judgment.jsonl. Per-pair preference margins: preference_margins.json. report.json.
     """
     root = Path(report_dir)
-    return EvaluationFiles(
-        root=root,
-        alpaca_outputs=_load(_first(root, ["model_outputs.json"])),
-        annotations=_load(_first(root, ["annotations.json"])),
-        mt_bench_answers=_load(_first(root, ["model_answer/*.jsonl", "model_answer.jsonl"])),
-        mt_bench_judgments=_load(_first(root, ["model_judgment/*_single.jsonl", "model_judgment.jsonl"])),
-        preference_margins=_load(_first(root, [PREFERENCE_MARGINS_FILE])),
-        report=_load(_first(root, ["report.json"])),
-    )
+    return EvaluationFiles(root=root, **{name: _load(_first(root, patterns)) for name, patterns in _READ.items()})
+
+
+def evaluation_files(report_dir: str | Path) -> list[Path]:
+    """Every file in `report_dir` that `read_evaluation` could read as an evaluation's."""
+    root = Path(report_dir)
+    return sorted({path for patterns in _READ.values() for pattern in patterns for path in root.glob(pattern)
+                   if path.is_file()})
 
 
 @dataclass

@@ -317,6 +317,36 @@ def test_evaluate_model_with_an_endpoint_judge_names_protocols_and_writes_offici
             assert SECRET not in path.read_text()
 
 
+def test_a_rerun_into_the_same_directory_leaves_nothing_of_the_earlier_evaluation(tiny_model_dir, shared_data, tmp_path):
+    """The start model's report directory is reused night after night: files of an earlier evaluation (another
+    judge's judgments, a suite no longer run) must not be read back as this evaluation's."""
+    from evals.run import evaluate_model
+    from orpo.config import load_config
+    from orpo.head_to_head import read_evaluation
+
+    out = tmp_path / "report"
+    (out / "model_judgment").mkdir(parents=True)
+    stale = {"question_id": 81, "model": "old", "judge": ["builtin-smollm2", "builtin-single"], "score": 1, "turn": 1}
+    (out / "model_judgment" / "builtin-smollm2_single.jsonl").write_text(json.dumps(stale) + "\n")
+    (out / "annotations.json").write_text(json.dumps([{"preference": 1.0}]))
+    (out / "model_outputs.json").write_text(json.dumps([{"instruction": "old", "output": "old"}]))
+    (out / "preference_margins.json").write_text(json.dumps([{"index": 0, "margin": -1.0}]))
+    (out / "notes.txt").write_text("not ours")
+    with JudgeServer() as server:
+        config = load_config(None, [
+            f"workdir={tmp_path / 'work'}", "eval.judge.kind=openai", f"eval.judge.base_url={server.url}",
+            f"eval.mt_bench_questions={shared_data / 'mt_bench' / 'question.jsonl'}",
+            f"eval.mt_bench_judge_prompts={shared_data / 'mt_bench' / 'judge_prompts.jsonl'}",
+            f"eval.mt_bench_reference_answers={shared_data / 'mt_bench' / 'reference_answer_gpt-4.jsonl'}",
+            "eval.mt_bench_limit=1", "eval.max_new_tokens=4", "eval.suites=[mtbench]",
+        ])
+        evaluate_model(config, str(tiny_model_dir), out, api_key=SECRET, progress=False)
+    files = read_evaluation(out)
+    assert {j["judge"][0] for j in files.mt_bench_judgments} == {"gpt-4"}
+    assert files.annotations is None and files.alpaca_outputs is None and files.preference_margins is None
+    assert (out / "notes.txt").read_text() == "not ours"
+
+
 @pytest.mark.slow
 def test_mlflow_run_carries_each_protocol_as_a_tag(tmp_path, tiny_model_dir):
     from mlflow import MlflowClient
