@@ -126,7 +126,7 @@ def generate(
     *,
     max_new_tokens: int = 512,
     temperature: float = 0.0,
-    top_p: float = 1.0,
+    top_p: float | None = 1.0,
     batch_size: int = 8,
     num_samples: int = 1,
     seed: int = 0,
@@ -135,6 +135,7 @@ def generate(
     """Reply to each conversation; returns `num_samples` generations per conversation, in input order.
 
     `temperature == 0` decodes greedily (and then `num_samples` copies would be identical, so it must be 1).
+    `top_p=None` samples with the model's own generation_config (top_p, top_k), as a bare `model.generate` does.
     Each batch is seeded from `seed` and its position, so a rerun with the same batch size reproduces the
     samples.
     """
@@ -250,7 +251,8 @@ def generate_mt_bench_answers(
     """Answer every turn of each MT-Bench question; turn k sees the model's own answers to turns < k.
 
     Questions are grouped by their category's temperature (FastChat's table), and each group is generated
-    turn by turn in batches. Returns FastChat answer records in the questions' order.
+    turn by turn in batches. Like FastChat's gen_model_answer, only the temperature is set: top_p and top_k
+    stay the model's own. Returns FastChat answer records in the questions' order.
     """
     table = MT_BENCH_TEMPERATURES if temperatures is None else temperatures
     groups: dict[float, list[int]] = {}
@@ -275,6 +277,7 @@ def generate_mt_bench_answers(
                 conversations,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
+                top_p=None,
                 batch_size=batch_size,
                 seed=seed + turn,
                 progress=progress,

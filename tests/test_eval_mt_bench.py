@@ -162,6 +162,28 @@ def test_two_turn_generation_sees_own_answer_and_uses_category_temperatures(tiny
     assert {len(c) for _, convs, _ in calls for c in convs} == {1, 3}
 
 
+def test_sampled_answers_keep_the_models_own_sampling_settings_as_fastchat_does(tiny_model_and_tokenizer,
+                                                                                monkeypatch):
+    """FastChat's gen_model_answer calls `model.generate(do_sample=True, temperature=t, max_new_tokens=n)`:
+    the model's generation_config supplies top_p/top_k (Llama-3: top_p 0.9, Qwen2: 0.8); only the category
+    temperature is FastChat's own."""
+    model, tokenizer = tiny_model_and_tokenizer
+    questions = [q for q in load_mt_bench_questions(SAMPLE_QUESTIONS) if q["category"] == "writing"][:1]
+    monkeypatch.setattr(model.generation_config, "top_p", 0.9)
+    monkeypatch.setattr(model.generation_config, "top_k", 20)
+    used = []
+    real = model.generate
+
+    def spy(*args, **kwargs):
+        used.append(model._prepare_generation_config(kwargs["generation_config"])[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    generate_mt_bench_answers(model, tokenizer, questions, model_id="tiny", max_new_tokens=4, batch_size=1)
+    assert used and all(c.do_sample and c.temperature == MT_BENCH_TEMPERATURES["writing"] for c in used)
+    assert {(c.top_p, c.top_k) for c in used} == {(0.9, 20)}
+
+
 def test_radar_chart_writes_png(tmp_path):
     path = radar_chart({"a": {"math": 3.0, "writing": 7.0, "stem": 5.0}, "b": {"math": 6.0, "stem": math.nan}},
                        tmp_path / "r.png")
