@@ -2,7 +2,7 @@
 
 The leaderboard names are used only for the official protocol run end to end on the official data:
 `alpaca_eval2/...` (AlpacaEval 2.0: `weighted_alpaca_eval_gpt4_turbo`, annotator gpt-4-1106-preview,
-the 805 instructions with the gpt4_1106_preview baseline) and `mt_bench/...` (FastChat single grading with
+the 805 instructions with the gpt4_1106_preview baseline, alpaca_eval's annotator seed 0) and `mt_bench/...` (FastChat single grading with
 GPT-4, its judge prompts and GPT-4 reference answers, the 80 questions, answers generated as FastChat's
 gen_model_answer does: up to 1024 new tokens). Any deviation gets its own prefix, the first that applies in
 this order: a local hf judge, a custom prompt, another evaluator, another judge model, other data or a
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 OFFICIAL_ALPACA_EVALUATOR = "weighted_alpaca_eval_gpt4_turbo"
 OFFICIAL_ALPACA_ANNOTATOR = "gpt-4-1106-preview"
+OFFICIAL_ALPACA_SEED = 0  # alpaca_eval's annotator seed: which output its judge is shown first
 OFFICIAL_MT_BENCH_JUDGE = "gpt-4"
 # FastChat gen_model_answer.py's --max-new-token default: the answers MT-Bench's scores were produced from.
 OFFICIAL_MT_BENCH_MAX_NEW_TOKENS = 1024
@@ -23,6 +24,8 @@ PREFIX_DESCRIPTIONS = {
     "alpaca_eval2": "AlpacaEval 2.0 official (weighted_alpaca_eval_gpt4_turbo, gpt-4-1106-preview, 805 instructions)",
     "alpaca_eval2_subset": "AlpacaEval 2.0 protocol on other data or a subset: not leaderboard-comparable",
     "alpaca_eval2_other_annotator": "AlpacaEval 2.0 protocol with another annotator model: not leaderboard-comparable",
+    "alpaca_eval2_other_seed": "AlpacaEval 2.0 protocol with another annotator seed (other output orders shown "
+                               "to the judge): not the leaderboard's judgments",
     "alpaca_custom_prompt": "AlpacaEval-style with a custom prompt: not leaderboard-comparable",
     "alpaca_local_judge": "AlpacaEval-style with a local hf judge: plumbing check, not leaderboard-comparable",
     "mt_bench": "MT-Bench official (FastChat single grading, gpt-4 judge, GPT-4 references, 80 questions, answers of "
@@ -38,6 +41,7 @@ PREFIX_SHORT = {
     "alpaca_eval2": "AlpacaEval 2.0 official",
     "alpaca_eval2_subset": "AE2 protocol, subset/other data",
     "alpaca_eval2_other_annotator": "AE2 protocol, other annotator",
+    "alpaca_eval2_other_seed": "AE2 protocol, other annotator seed",
     "alpaca_custom_prompt": "custom prompt (unofficial)",
     "alpaca_local_judge": "local hf judge (unofficial)",
     "mt_bench": "MT-Bench official",
@@ -72,7 +76,8 @@ def _protocol(official_prefix: str, details: str, deviations: list[tuple[str, st
 
 
 def alpaca_protocol(*, judge_kind: str, evaluator: str, annotator_model: str, custom_prompt: bool,
-                    official_data: bool, subset: bool) -> Protocol:
+                    official_data: bool, subset: bool, seed: int) -> Protocol:
+    """`seed`: the annotator seed the outputs' order was randomised with (alpaca_eval's is 0)."""
     deviations = []
     if judge_kind != "openai":
         deviations.append(("alpaca_local_judge", f"hf judge {annotator_model}"))
@@ -86,6 +91,8 @@ def alpaca_protocol(*, judge_kind: str, evaluator: str, annotator_model: str, cu
         deviations.append(("alpaca_eval2_subset", "not the official 805-instruction file"))
     if subset:
         deviations.append(("alpaca_eval2_subset", "a subset of the instructions"))
+    if seed != OFFICIAL_ALPACA_SEED:
+        deviations.append(("alpaca_eval2_other_seed", f"annotator seed {seed}, not alpaca_eval's {OFFICIAL_ALPACA_SEED}"))
     return _protocol("alpaca_eval2", f"evaluator {evaluator}, annotator {annotator_model}", deviations)
 
 

@@ -151,7 +151,7 @@ class _Evaluation:
         protocol = alpaca_protocol(
             judge_kind=judge.kind, evaluator=evaluator.name, annotator_model=annotator, custom_prompt=False,
             # The official file has 805 instructions and the 80 questions; a limit below that is a subset.
-            official_data=self._alpaca_official, subset=len(rows) < 805,
+            official_data=self._alpaca_official, subset=len(rows) < 805, seed=self.ev.seed,
         )
         outputs = generate_alpaca_outputs(
             self.model, self.tokenizer, rows, generator=self.label, max_new_tokens=self.ev.max_new_tokens,

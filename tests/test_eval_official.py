@@ -252,8 +252,13 @@ def test_protocol_names():
     from evals.protocols import alpaca_protocol, describe_metric, mt_bench_protocol
 
     official = dict(judge_kind="openai", evaluator="weighted_alpaca_eval_gpt4_turbo",
-                    annotator_model="gpt-4-1106-preview", custom_prompt=False, official_data=True, subset=False)
+                    annotator_model="gpt-4-1106-preview", custom_prompt=False, official_data=True, subset=False,
+                    seed=0)
     assert alpaca_protocol(**official).prefix == "alpaca_eval2" and alpaca_protocol(**official).official
+    # alpaca_eval's annotator seed (0) decides which output the judge sees first: another seed asks the judge
+    # other questions than the leaderboard's.
+    reseeded = alpaca_protocol(**{**official, "seed": 1})
+    assert reseeded.prefix == "alpaca_eval2_other_seed" and not reseeded.official and "seed 1" in reseeded.description
     assert alpaca_protocol(**{**official, "subset": True}).prefix == "alpaca_eval2_subset"
     assert alpaca_protocol(**{**official, "judge_kind": "hf"}).prefix == "alpaca_local_judge"
     assert alpaca_protocol(**{**official, "annotator_model": "llama"}).prefix == "alpaca_eval2_other_annotator"
