@@ -18,16 +18,34 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orpo.config import PipelineConfig
+import yaml
+
+from orpo.config import ConfigError, PipelineConfig
 
 TAG_RUN_INPUTS = "run_inputs"
 TAG_PREFIX = "run_inputs."
 
 # Fields that never change the trained weights. Everything else in `model` and `train` counts; the data
-# section counts through the data fingerprint (which hashes the pairs its options produced).
+# section counts through the data fingerprint (which hashes the pairs its options produced). The accelerate
+# config's path does not count, its number of processes does (`training_processes`).
 _IGNORED_TRAIN_FIELDS = {"output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
                          "accelerate_config"}
 _IGNORED_MODEL_FIELDS = {"name_or_path", "revision", "cache_dir"}  # the pinned start model replaces these
+
+
+def training_processes(config: PipelineConfig) -> int | str:
+    """How many processes train: the accelerate config's `num_processes` (all machines together), 1 without one
+    or in-process. It multiplies the global batch, so it changes the model; the file's path does not."""
+    path = config.train.accelerate_config
+    if not path or not config.orchestration.launch_with_accelerate:
+        return 1
+    try:
+        settings = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"train.accelerate_config: cannot read {path} ({exc}); point it at one of "
+                          "configs/accelerate/*.yaml or unset it for one process") from None
+    # Absent, accelerate launches one process per visible GPU: recorded as such, not guessed here.
+    return settings.get("num_processes", "all visible GPUs") if isinstance(settings, dict) else 1
 
 
 def semantic_config_hash(config: PipelineConfig) -> str:
@@ -36,6 +54,9 @@ def semantic_config_hash(config: PipelineConfig) -> str:
         "model": config.model.model_dump(mode="json", exclude=_IGNORED_MODEL_FIELDS),
         "train": config.train.model_dump(mode="json", exclude=_IGNORED_TRAIN_FIELDS),
     }
+    processes = training_processes(config)
+    if processes != 1:  # absent for one process, so single-process hashes stay what they were
+        payload["train"]["processes"] = processes
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -65,3 +65,25 @@ def test_portable_references(tiny_model_dir, tmp_path):
     assert (pinned.pinned, pinned.identity, pinned.path) == (TINY_LLAMA, TINY_LLAMA, str(tiny_model_dir))
     local = pin_model(str(tiny_model_dir))
     assert local.identity.startswith(str(tiny_model_dir)) and "#" in local.identity
+
+
+def test_the_number_of_training_processes_changes_the_config_hash(tmp_path):
+    """The accelerate config's num_processes sets the global batch (per device x processes x accumulation), so
+    the same YAML on more GPUs trains another model and must not be skipped as unchanged; its path does not
+    count."""
+    def accelerate_yaml(name: str, processes: int):
+        path = tmp_path / name
+        path.write_text(f"distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: {processes}\n")
+        return path
+
+    two, two_elsewhere, eight = accelerate_yaml("a.yaml", 2), accelerate_yaml("b.yaml", 2), accelerate_yaml("c.yaml", 8)
+    one_process = semantic_config_hash(load_config(None, []))
+    hashes = {name: semantic_config_hash(load_config(None, [f"train.accelerate_config={path}"]))
+              for name, path in (("two", two), ("two_elsewhere", two_elsewhere), ("eight", eight))}
+    assert hashes["two"] == hashes["two_elsewhere"]  # where the file lives is not an input
+    assert len({one_process, hashes["two"], hashes["eight"]}) == 3
+    # In-process training runs one process whatever the accelerate config says.
+    in_process = load_config(None, [f"train.accelerate_config={eight}", "orchestration.launch_with_accelerate=false"])
+    assert semantic_config_hash(in_process) == one_process
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        semantic_config_hash(load_config(None, [f"train.accelerate_config={tmp_path / 'missing.yaml'}"]))
