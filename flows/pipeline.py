@@ -198,7 +198,8 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
     """Prepare data, ORPO-train, register in MLflow, evaluate, and promote the model if it beats the champion.
 
     When a registered version was already trained from the same inputs (data, config, start model, code),
-    nothing is trained: the run completes with an "unchanged" artifact, unless `force` is true.
+    nothing is trained: the run completes with an "unchanged" artifact, unless `force` is true. A version
+    with these inputs but no gate decision (its run stopped after registering it) is evaluated and gated.
     """
     config = effective_config(config, config_path)
     logger = get_run_logger()
@@ -213,21 +214,30 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
     data = prepare_data(config, seen.seen if seen.new else None)
     inputs = identify_run(config, data.fingerprint, start)
     same = find_unchanged(config, inputs)
-    if same is not None and not force:
-        return _skipped(config, run_name, start, same, _unchanged_markdown(same, inputs, config),
-                        f"inputs unchanged since version {same}", data=data, inputs=inputs)
-    if same is not None:
-        logger.info("inputs unchanged since version %s, but the run is forced", same)
+    if same is not None and same.gated and not force:
+        number = same.version.version
+        return _skipped(config, run_name, start, number, _unchanged_markdown(number, inputs, config),
+                        f"inputs unchanged since version {number}", data=data, inputs=inputs)
+    if same is not None and force:
+        logger.info("inputs unchanged since version %s, but the run is forced", same.version.version)
     summary = _summary_of_inputs(config, run_name, start, data, inputs)
 
-    train_dir = train_dir_for(config)
-    trained = train_model(training_config(config, start), data.dataset_dir, train_dir)
-    version = register_model(config, trained.output_dir, data.manifest_path, inputs)
-    logger.info("registered %s as version %s", version.model_uri, version.version)
+    trained = None
+    if same is not None and not force:
+        # Registered from these inputs by a run that stopped before its gate: finish that run's work (evaluate,
+        # gate) instead of skipping it as unchanged every night, or training it again.
+        version = same.version
+        logger.info("version %s was trained from these inputs but never gated; evaluating and gating it",
+                    version.version)
+        model_path = resolve_model_path(config, version.model_uri)
+    else:
+        trained = train_model(training_config(config, start), data.dataset_dir, train_dir_for(config))
+        version = register_model(config, trained.output_dir, data.manifest_path, inputs)
+        logger.info("registered %s as version %s", version.model_uri, version.version)
+        model_path = str(trained.model_dir)
 
     # The start model is scored once, by its own (cached) evaluation: not again inside the model's.
-    evaluation = evaluate(config, str(trained.model_dir), workdir / "reports" / run_name, data.dataset_dir,
-                          None, label="model")
+    evaluation = evaluate(config, model_path, workdir / "reports" / run_name, data.dataset_dir, None, label="model")
     metrics = dict(evaluation.metrics)
     base_metrics: dict[str, float] = {}
     base_report_dir: Path | None = None
@@ -241,10 +251,11 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
 
     return PipelineSummary(
         **summary,
-        train_dir=str(trained.output_dir),
-        model_dir=str(trained.model_dir),
-        global_step=trained.global_step,
-        train_metrics={k: float(v) for k, v in trained.final_metrics.items() if isinstance(v, (int, float))},
+        train_dir=str(trained.output_dir) if trained else "",
+        model_dir=str(trained.model_dir) if trained else model_path,
+        global_step=trained.global_step if trained else 0,
+        train_metrics={k: float(v) for k, v in trained.final_metrics.items() if isinstance(v, (int, float))}
+        if trained else {},
         model_version=version.version,
         model_uri=version.model_uri,
         mlflow_run_id=version.run_id,
