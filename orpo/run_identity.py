@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from orpo.config import ConfigError, PipelineConfig
+
+log = logging.getLogger(__name__)
 
 TAG_RUN_INPUTS = "run_inputs"
 TAG_PREFIX = "run_inputs."
@@ -60,8 +63,23 @@ def semantic_config_hash(config: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The project's code, wherever it is installed (a checkout, or site-packages without .git).
+_SOURCE_PACKAGES = ("orpo", "evals", "tasks", "flows")
+
+
+def source_digest(root: Path) -> str:
+    """A digest of the files of the project's packages under `root` (not caches): what runs, without git."""
+    digest = hashlib.sha256()
+    for package in _SOURCE_PACKAGES:
+        files = sorted(p for p in (root / package).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        for path in files:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def code_revision() -> str:
-    """The project's git commit; with uncommitted changes, `<commit>+dirty.<digest of the diff>`."""
+    """The project's git commit; with uncommitted changes, `<commit>+dirty.<digest of the diff>`; where git cannot
+    answer, `source.<digest of the packages' files>` (a constant would hide every code change)."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
@@ -71,8 +89,10 @@ def code_revision() -> str:
     try:
         commit = git("rev-parse", "HEAD").strip()
         diff = git("diff", "HEAD", "--", ".")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("git cannot name the code revision in %s (%s); identifying the code by its files", root,
+                    getattr(exc, "stderr", None) or exc)
+        return f"source.{source_digest(root)}"
     if not diff:
         return commit
     return f"{commit}+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:12]}"

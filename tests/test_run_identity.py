@@ -38,7 +38,7 @@ def test_every_input_changes_the_key_and_the_tags_are_searchable():
 
 def test_code_revision_names_a_commit():
     revision = code_revision()
-    assert revision == "unknown" or len(revision.split("+")[0]) == 40
+    assert revision.startswith("source.") or len(revision.split("+")[0]) == 40
 
 
 def test_incremental_data_needs_the_champion_as_start():
@@ -87,3 +87,32 @@ def test_the_number_of_training_processes_changes_the_config_hash(tmp_path):
     assert semantic_config_hash(in_process) == one_process
     with pytest.raises(ConfigError, match="missing.yaml"):
         semantic_config_hash(load_config(None, [f"train.accelerate_config={tmp_path / 'missing.yaml'}"]))
+
+
+def test_without_git_the_code_revision_is_a_digest_of_the_sources(monkeypatch, tmp_path):
+    """A worker where git cannot answer (not installed, a copy without .git, or git refusing a checkout owned by
+    another user) used to record "unknown" every night, so a change of the training code never made a run
+    differ from the last one. It records a digest of the project's sources instead, which a code change moves."""
+    import subprocess
+
+    import orpo.run_identity as identity
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0], stderr="fatal: detected dubious ownership")
+
+    monkeypatch.setattr(identity.subprocess, "run", no_git)
+    revision = identity.code_revision()
+    assert revision != "unknown" and revision == identity.code_revision()
+
+    for package in ("orpo", "evals"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "loss.py").write_text("LAMBDA = 0.1\n")
+    (tmp_path / "orpo" / "__pycache__").mkdir()
+    (tmp_path / "orpo" / "__pycache__" / "loss.cpython-311.pyc").write_bytes(b"\x00")
+    (tmp_path / "runs").mkdir()  # outputs are not code
+    before = identity.source_digest(tmp_path)
+    (tmp_path / "runs" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "orpo" / "__pycache__" / "loss.cpython-311.pyc").write_bytes(b"\x01")
+    assert identity.source_digest(tmp_path) == before
+    (tmp_path / "orpo" / "loss.py").write_text("LAMBDA = 0.2\n")
+    assert identity.source_digest(tmp_path) != before
