@@ -85,9 +85,18 @@ def run_name_for(config: PipelineConfig) -> str:
     return flow_run.name or f"{_slug(config.model.name_or_path)}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def train_dir_for(config: PipelineConfig) -> Path:
-    """`train.output_dir`, else `<workdir>/train/<run name>`: a retried flow run resumes in the same place."""
-    return Path(config.train.output_dir or Path(config.workdir) / "train" / run_name_for(config))
+def train_dir_for(config: PipelineConfig, inputs: RunInputs | None = None) -> Path:
+    """`train.output_dir`, else `<workdir>/train/<run name>`: a retried flow run resumes in the same place.
+
+    With the run's `inputs` (and no run_name), `<workdir>/train/<model>-<inputs key>`: any later run of the same
+    inputs, such as the next night after one whose training died, resumes its checkpoints instead of starting
+    over (a checkpoint of other inputs is never resumed: orpo.train refuses it).
+    """
+    if config.train.output_dir:
+        return Path(config.train.output_dir)
+    if inputs is not None and not config.run_name:
+        return Path(config.workdir) / "train" / f"{_slug(config.model.name_or_path)}-{inputs.key[:12]}"
+    return Path(config.workdir) / "train" / run_name_for(config)
 
 
 def _flow_run_name() -> str:
@@ -231,7 +240,9 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
                     version.version)
         model_path = resolve_model_path(config, version.model_uri)
     else:
-        trained = train_model(training_config(config, start), data.dataset_dir, train_dir_for(config))
+        # A forced run trains afresh in its own directory; otherwise the inputs name it, so a died run resumes.
+        train_dir = train_dir_for(config, None if force else inputs)
+        trained = train_model(training_config(config, start), data.dataset_dir, train_dir)
         version = register_model(config, trained.output_dir, data.manifest_path, inputs)
         logger.info("registered %s as version %s", version.model_uri, version.version)
         model_path = str(trained.model_dir)
