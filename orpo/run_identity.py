@@ -32,7 +32,10 @@ TAG_PREFIX = "run_inputs."
 # section counts through the data fingerprint (which hashes the pairs its options produced). The accelerate
 # config's path does not count, its number of processes does (`training_processes`).
 _IGNORED_TRAIN_FIELDS = {"output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                         "accelerate_config"}
+                         "accelerate_config",
+                         # How the same numbers are computed: chunked log-probs, padding, the setup self-check
+                         # (its fallback keeps the batches' pairs; orpo.train), equal up to float rounding.
+                         "logprob_chunk_size", "pad_to_multiple_of", "setup_self_check"}
 _IGNORED_MODEL_FIELDS = {"name_or_path", "revision", "cache_dir"}  # the pinned start model replaces these
 
 

@@ -501,7 +501,8 @@ class ORPORecipe:
 
 # Training settings a resumed run may change: more or fewer steps, logging, evaluation and checkpoint cadence.
 _RESUMABLE_CHANGES = {"max_steps", "num_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                      "output_dir", "accelerate_config", "setup_self_check", "logprob_chunk_size"}
+                      "output_dir", "accelerate_config", "setup_self_check", "logprob_chunk_size",
+                      "pad_to_multiple_of"}
 
 
 def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:

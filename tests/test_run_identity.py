@@ -15,6 +15,8 @@ def test_only_fields_that_change_the_weights_change_the_config_hash(tmp_path):
         f"workdir={tmp_path}", "train.output_dir=/x", "train.save_steps=5", "train.logging_steps=7",
         "eval.suites=[preference]", "registry.registered_model_name=x", "orchestration.cron=0 3 * * *",
         "orchestration.launch_with_accelerate=false", "data.test_size=0.5", "data.export=parquet",
+        # How the same numbers are computed (memory and speed knobs): tuning them must not retrain a night.
+        "train.logprob_chunk_size=64", "train.pad_to_multiple_of=64", "train.setup_self_check=false",
     ])
     assert semantic_config_hash(same) == semantic_config_hash(base)
     for override in ("train.learning_rate=1e-4", "train.lora.r=4", "train.orpo_lambda=0.2", "model.dtype=bfloat16",
