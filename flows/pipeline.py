@@ -85,9 +85,18 @@ def run_name_for(config: PipelineConfig) -> str:
     return flow_run.name or f"{_slug(config.model.name_or_path)}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
-def train_dir_for(config: PipelineConfig) -> Path:
-    """`train.output_dir`, else `<workdir>/train/<run name>`: a retried flow run resumes in the same place."""
-    return Path(config.train.output_dir or Path(config.workdir) / "train" / run_name_for(config))
+def train_dir_for(config: PipelineConfig, inputs: RunInputs | None = None) -> Path:
+    """`train.output_dir`, else `<workdir>/train/<run name>`: a retried flow run resumes in the same place.
+
+    With the run's `inputs` (and no run_name), `<workdir>/train/<model>-<inputs key>`: any later run of the same
+    inputs, such as the next night after one whose training died, resumes its checkpoints instead of starting
+    over (a checkpoint of other inputs is never resumed: orpo.train refuses it).
+    """
+    if config.train.output_dir:
+        return Path(config.train.output_dir)
+    if inputs is not None and not config.run_name:
+        return Path(config.workdir) / "train" / f"{_slug(config.model.name_or_path)}-{inputs.key[:12]}"
+    return Path(config.workdir) / "train" / run_name_for(config)
 
 
 def _flow_run_name() -> str:
@@ -198,7 +207,8 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
     """Prepare data, ORPO-train, register in MLflow, evaluate, and promote the model if it beats the champion.
 
     When a registered version was already trained from the same inputs (data, config, start model, code),
-    nothing is trained: the run completes with an "unchanged" artifact, unless `force` is true.
+    nothing is trained: the run completes with an "unchanged" artifact, unless `force` is true. A version
+    with these inputs but no gate decision (its run stopped after registering it) is evaluated and gated.
     """
     config = effective_config(config, config_path)
     logger = get_run_logger()
@@ -213,21 +223,32 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
     data = prepare_data(config, seen.seen if seen.new else None)
     inputs = identify_run(config, data.fingerprint, start)
     same = find_unchanged(config, inputs)
-    if same is not None and not force:
-        return _skipped(config, run_name, start, same, _unchanged_markdown(same, inputs, config),
-                        f"inputs unchanged since version {same}", data=data, inputs=inputs)
-    if same is not None:
-        logger.info("inputs unchanged since version %s, but the run is forced", same)
+    if same is not None and same.gated and not force:
+        number = same.version.version
+        return _skipped(config, run_name, start, number, _unchanged_markdown(number, inputs, config),
+                        f"inputs unchanged since version {number}", data=data, inputs=inputs)
+    if same is not None and force:
+        logger.info("inputs unchanged since version %s, but the run is forced", same.version.version)
     summary = _summary_of_inputs(config, run_name, start, data, inputs)
 
-    train_dir = train_dir_for(config)
-    trained = train_model(training_config(config, start), data.dataset_dir, train_dir)
-    version = register_model(config, trained.output_dir, data.manifest_path, inputs)
-    logger.info("registered %s as version %s", version.model_uri, version.version)
+    trained = None
+    if same is not None and not force:
+        # Registered from these inputs by a run that stopped before its gate: finish that run's work (evaluate,
+        # gate) instead of skipping it as unchanged every night, or training it again.
+        version = same.version
+        logger.info("version %s was trained from these inputs but never gated; evaluating and gating it",
+                    version.version)
+        model_path = resolve_model_path(config, version.model_uri)
+    else:
+        # A forced run trains afresh in its own directory; otherwise the inputs name it, so a died run resumes.
+        train_dir = train_dir_for(config, None if force else inputs)
+        trained = train_model(training_config(config, start), data.dataset_dir, train_dir)
+        version = register_model(config, trained.output_dir, data.manifest_path, inputs)
+        logger.info("registered %s as version %s", version.model_uri, version.version)
+        model_path = str(trained.model_dir)
 
     # The start model is scored once, by its own (cached) evaluation: not again inside the model's.
-    evaluation = evaluate(config, str(trained.model_dir), workdir / "reports" / run_name, data.dataset_dir,
-                          None, label="model")
+    evaluation = evaluate(config, model_path, workdir / "reports" / run_name, data.dataset_dir, None, label="model")
     metrics = dict(evaluation.metrics)
     base_metrics: dict[str, float] = {}
     base_report_dir: Path | None = None
@@ -241,10 +262,11 @@ def alignment_pipeline(config: PipelineConfig = PipelineConfig(), config_path: s
 
     return PipelineSummary(
         **summary,
-        train_dir=str(trained.output_dir),
-        model_dir=str(trained.model_dir),
-        global_step=trained.global_step,
-        train_metrics={k: float(v) for k, v in trained.final_metrics.items() if isinstance(v, (int, float))},
+        train_dir=str(trained.output_dir) if trained else "",
+        model_dir=str(trained.model_dir) if trained else model_path,
+        global_step=trained.global_step if trained else 0,
+        train_metrics={k: float(v) for k, v in trained.final_metrics.items() if isinstance(v, (int, float))}
+        if trained else {},
         model_version=version.version,
         model_uri=version.model_uri,
         mlflow_run_id=version.run_id,

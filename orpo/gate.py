@@ -191,11 +191,16 @@ def decide(
 
 def _verdict(entry: dict, primary: bool) -> str:
     low, high, null = entry["low"], entry["high"], entry["null"]
-    if primary and low > entry["margin"]:
+    # Where the difference has its own test (McNemar's for paired accuracy), a claim in the challenger's favour
+    # needs that test too: its interval (Agresti-Min) can exclude 0 at a p-value above 1 - confidence, and a
+    # promotion must not rest on evidence the reported test calls insignificant. "Worse" needs either alone.
+    p_value = entry.get("p_value")
+    favoured = p_value is None or p_value < 1.0 - entry["confidence"]
+    if primary and low > entry["margin"] and favoured:
         return "above the margin"
     if high < null:
         return "significantly worse"
-    if low > null:
+    if low > null and favoured:
         return "significantly better"
     return "no significant difference"
 

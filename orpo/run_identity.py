@@ -14,20 +14,44 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orpo.config import PipelineConfig
+import yaml
+
+from orpo.config import ConfigError, PipelineConfig
+
+log = logging.getLogger(__name__)
 
 TAG_RUN_INPUTS = "run_inputs"
 TAG_PREFIX = "run_inputs."
 
 # Fields that never change the trained weights. Everything else in `model` and `train` counts; the data
-# section counts through the data fingerprint (which hashes the pairs its options produced).
+# section counts through the data fingerprint (which hashes the pairs its options produced). The accelerate
+# config's path does not count, its number of processes does (`training_processes`).
 _IGNORED_TRAIN_FIELDS = {"output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                         "accelerate_config"}
+                         "accelerate_config",
+                         # How the same numbers are computed: chunked log-probs, padding, the setup self-check
+                         # (its fallback keeps the batches' pairs; orpo.train), equal up to float rounding.
+                         "logprob_chunk_size", "pad_to_multiple_of", "setup_self_check"}
 _IGNORED_MODEL_FIELDS = {"name_or_path", "revision", "cache_dir"}  # the pinned start model replaces these
+
+
+def training_processes(config: PipelineConfig) -> int | str:
+    """How many processes train: the accelerate config's `num_processes` (all machines together), 1 without one
+    or in-process. It multiplies the global batch, so it changes the model; the file's path does not."""
+    path = config.train.accelerate_config
+    if not path or not config.orchestration.launch_with_accelerate:
+        return 1
+    try:
+        settings = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"train.accelerate_config: cannot read {path} ({exc}); point it at one of "
+                          "configs/accelerate/*.yaml or unset it for one process") from None
+    # Absent, accelerate launches one process per visible GPU: recorded as such, not guessed here.
+    return settings.get("num_processes", "all visible GPUs") if isinstance(settings, dict) else 1
 
 
 def semantic_config_hash(config: PipelineConfig) -> str:
@@ -36,11 +60,29 @@ def semantic_config_hash(config: PipelineConfig) -> str:
         "model": config.model.model_dump(mode="json", exclude=_IGNORED_MODEL_FIELDS),
         "train": config.train.model_dump(mode="json", exclude=_IGNORED_TRAIN_FIELDS),
     }
+    processes = training_processes(config)
+    if processes != 1:  # absent for one process, so single-process hashes stay what they were
+        payload["train"]["processes"] = processes
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The project's code, wherever it is installed (a checkout, or site-packages without .git).
+_SOURCE_PACKAGES = ("orpo", "evals", "tasks", "flows")
+
+
+def source_digest(root: Path) -> str:
+    """A digest of the files of the project's packages under `root` (not caches): what runs, without git."""
+    digest = hashlib.sha256()
+    for package in _SOURCE_PACKAGES:
+        files = sorted(p for p in (root / package).rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        for path in files:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def code_revision() -> str:
-    """The project's git commit; with uncommitted changes, `<commit>+dirty.<digest of the diff>`."""
+    """The project's git commit; with uncommitted changes, `<commit>+dirty.<digest of the diff>`; where git cannot
+    answer, `source.<digest of the packages' files>` (a constant would hide every code change)."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
@@ -50,8 +92,10 @@ def code_revision() -> str:
     try:
         commit = git("rev-parse", "HEAD").strip()
         diff = git("diff", "HEAD", "--", ".")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("git cannot name the code revision in %s (%s); identifying the code by its files", root,
+                    getattr(exc, "stderr", None) or exc)
+        return f"source.{source_digest(root)}"
     if not diff:
         return commit
     return f"{commit}+dirty.{hashlib.sha256(diff.encode()).hexdigest()[:12]}"

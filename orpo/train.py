@@ -24,7 +24,9 @@ totals without communication.
 Checkpoints (`accelerator.save_state`: model or LoRA weights, optimizer, schedule, RNG) go to
 `output_dir/checkpoints/step-N`, written under a temporary name and renamed when complete
 (`orpo.checkpoints`). Re-running with the same output directory resumes from the newest one that verifies
-(a corrupt one is set aside) and ends with the same weights as an uninterrupted run.
+(a corrupt one is set aside) and ends with the same weights as an uninterrupted run. A checkpoint written for
+other data, model, global batch or training settings is refused (only the number of steps and the logging,
+evaluation and checkpoint cadence may change on a resume).
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ class ORPORecipe:
         self.config = config
         self.dataset_dir = Path(dataset_dir)
         # Foreseeable input errors stop here, before anything is built or written.
-        check_dataset(self.dataset_dir)
+        splits = check_dataset(self.dataset_dir)
+        # datasets' content fingerprints (state.json), the same wherever the directory is copied to.
+        self.dataset_fingerprint = {name: split._fingerprint for name, split in sorted(splits.items())}
         if config.model.chat_template:
             from orpo.chat_template import load_named_or_file
 
@@ -249,6 +253,14 @@ class ORPORecipe:
             return
         latest = Path(decision[0])
         state = json.loads((latest / TRAINER_STATE).read_text(encoding="utf-8"))
+        written_for = state.get("resume_inputs")
+        differing = _differences(written_for, self._resume_inputs()) if written_for is not None else []
+        if differing:
+            raise CheckpointError(
+                f"{latest} belongs to a run with other inputs ({'; '.join(differing[:5])}): resuming it would go "
+                "on from that run's weights, optimizer and schedule as if they were this run's. Pass a new "
+                f"--output-dir (or train.output_dir / run_name), or delete {self.output_dir} to start over"
+            )
         if state.get("config_hash") != self.config.config_hash():
             log.warning("%s was written with a different config (hash %s, now %s); resuming anyway",
                         latest, state.get("config_hash"), self.config.config_hash())
@@ -389,9 +401,20 @@ class ORPORecipe:
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
+    def _resume_inputs(self) -> dict[str, Any]:
+        """What a checkpoint must have been trained on to be resumed: the data, the model, the global batch and
+        every training setting except how long to train and where and how often to log, evaluate and save."""
+        return {
+            "dataset": self.dataset_fingerprint,
+            "model": self.config.model.model_dump(mode="json", exclude={"cache_dir"}),
+            "train": self.config.train.model_dump(mode="json", exclude=_RESUMABLE_CHANGES),
+            "global_batch_size": self.plan.global_batch_size,
+        }
+
     def save_checkpoint(self) -> Path:
         state = {
             "global_step": self.global_step,
+            "resume_inputs": self._resume_inputs(),
             "config_hash": self.config.config_hash(),
             "timestamp": _utc_now(),
             "last_train_metrics": self.last_train_metrics,
@@ -474,6 +497,20 @@ class ORPORecipe:
     def cleanup(self) -> None:
         self.sink.close()
         self.accelerator.free_memory()
+
+
+# Training settings a resumed run may change: more or fewer steps, logging, evaluation and checkpoint cadence.
+_RESUMABLE_CHANGES = {"max_steps", "num_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                      "output_dir", "accelerate_config", "setup_self_check", "logprob_chunk_size",
+                      "pad_to_multiple_of"}
+
+
+def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
+    """`key: before -> now` for each leaf that differs between two JSON-like values."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [line for key in sorted(set(before) | set(now), key=str)
+                for line in _differences(before.get(key), now.get(key), f"{prefix}{key}.")]
+    return [] if before == now else [f"{prefix.rstrip('.')}: {before} -> {now}"]
 
 
 def _is_multi_process_cpu() -> bool:

@@ -6,19 +6,35 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
+from pydantic import BaseModel, Field
 
 from orpo import registry
 from orpo.config import PipelineConfig
+from orpo.gate import TAG_DECISION
 from orpo.registry import RegisteredVersion
 from orpo.run_identity import RunInputs
 from tasks.common import retry_on_transient
 
 
+class TrainedVersion(BaseModel):
+    """A version already trained from a run's inputs, and whether the gate has decided on it."""
+
+    version: RegisteredVersion
+    gated: bool = Field(description="It carries a gate decision; False: the run that registered it stopped before "
+                                    "its gate (evaluation or judge failed), so it still needs evaluating and gating.")
+
+
 @task(name="find-unchanged-version", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)
-def find_unchanged(config: PipelineConfig, inputs: RunInputs) -> str | None:
-    """The version number already trained from exactly these inputs, or None."""
+def find_unchanged(config: PipelineConfig, inputs: RunInputs) -> TrainedVersion | None:
+    """The version already trained from exactly these inputs, or None."""
     found = registry.find_version_with_inputs(config, inputs)
-    return str(found.version) if found is not None else None
+    if found is None:
+        return None
+    name, number = config.registry.registered_model_name, str(found.version)
+    return TrainedVersion(
+        version=RegisteredVersion(name, number, found.run_id, f"models:/{name}/{number}", False),
+        gated=TAG_DECISION in (found.tags or {}),
+    )
 
 
 @task(name="register-model", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)

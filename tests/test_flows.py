@@ -184,3 +184,75 @@ def test_orpo_run_passes_force_and_reports_an_unchanged_run(monkeypatch, tmp_pat
     assert "unchanged since version 4" in result.output and "--force" in result.output
     CliRunner().invoke(app, ["run", "--force", f"workdir={tmp_path}"])
     assert calls == [False, True]
+
+
+@pytest.mark.slow
+def test_a_version_registered_by_a_run_that_died_before_its_gate_is_evaluated_and_gated_not_skipped(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """A night that dies after registering (the judge was down during evaluation) leaves a version with these
+    inputs but no evaluation and no gate decision. The next night must not call that "unchanged" (it would skip
+    every night until the inputs change, and the model would never be judged): it evaluates and gates that
+    version, without training it again. The night after that is unchanged."""
+    import mlflow
+
+    import flows.pipeline as pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = _nightly_config(tmp_path / "work", Path(__file__).parents[1] / "data" / "samples"
+                             / "ultrafeedback_sample.jsonl")
+
+    def judge_down(*args, **kwargs):
+        raise RuntimeError("judge endpoint down")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "evaluate", judge_down)
+        with pytest.raises(RuntimeError, match="judge endpoint down"):
+            pipeline.alignment_pipeline(config=config)
+    client = mlflow.MlflowClient(tracking_uri=config.resolved_tracking_uri(),
+                                 registry_uri=config.resolved_tracking_uri())
+    assert "gate.decision" not in client.get_model_version("tiny-orpo", "1").tags
+
+    night2 = pipeline.alignment_pipeline(config=config)
+    assert night2.unchanged_since is None and night2.model_version == "1" and night2.train_dir == ""
+    assert night2.promoted and "preference/accuracy" in night2.metrics
+    assert len(client.search_model_versions("name = 'tiny-orpo'")) == 1  # not trained or registered again
+    assert client.get_model_version("tiny-orpo", "1").tags["gate.decision"] == "promoted"
+    assert str(client.get_model_version_by_alias("tiny-orpo", "champion").version) == "1"
+
+    night3 = pipeline.alignment_pipeline(config=config)
+    assert night3.unchanged_since == "1" and night3.train_dir == ""
+
+
+@pytest.mark.slow
+def test_a_night_whose_training_died_is_resumed_by_the_next_night(prefect_harness, tmp_path, monkeypatch):
+    """Training dies after its first checkpoint (a preempted node, an OOM). The next scheduled night is a new flow
+    run with a new name; with the same inputs it must resume that checkpoint, not train from step 0 again (for a
+    7B model, a day of GPU time lost every time a night fails)."""
+    import flows.pipeline as pipeline
+    from orpo.train import ORPORecipe
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = _nightly_config(tmp_path / "work", Path(__file__).parents[1] / "data" / "samples"
+                             / "ultrafeedback_sample.jsonl", "train.save_steps=1")
+    real_save, real_step = ORPORecipe.save_checkpoint, ORPORecipe.train_step
+    steps = []
+
+    def save_then_die(self):
+        path = real_save(self)
+        raise RuntimeError("node preempted")
+
+    def counting_step(self):
+        steps.append(self.global_step)
+        return real_step(self)
+
+    monkeypatch.setattr(ORPORecipe, "train_step", counting_step)
+    with monkeypatch.context() as patch:
+        patch.setattr(ORPORecipe, "save_checkpoint", save_then_die)
+        with pytest.raises(RuntimeError, match="node preempted"):
+            pipeline.alignment_pipeline(config=config)
+    assert steps == [0]
+
+    night2 = pipeline.alignment_pipeline(config=config)
+    assert night2.global_step == 3 and night2.model_version == "1"
+    assert steps == [0, 1, 2]  # steps 2 and 3 only: resumed from night 1's checkpoint at step 1

@@ -263,3 +263,30 @@ def test_a_corrupt_evaluation_file_is_named(tmp_path):
     (tmp_path / "model_outputs.json").write_text('[{"instruction": ')
     with pytest.raises(ValueError, match="model_outputs.json: not valid JSON"):
         read_evaluation(tmp_path)
+
+
+def test_preference_accuracy_promotes_only_when_mcnemars_test_agrees():
+    """On 1000 pairs where the challenger alone is right on 14 and the champion alone on 5, the Agresti-Min
+    interval excludes 0 but McNemar's exact test, the test the decision reports, gives p = 0.064: that is not a
+    significant improvement at 95%, so it must not promote (and must not be called significantly better).
+    With 15 against 5 both agree (p = 0.041) and it promotes."""
+    from orpo.head_to_head import Difference, HeadToHead
+    from orpo.stats import paired_accuracy_difference
+
+    gate = GateConfig(primary_metric=PREFERENCE_ACCURACY, gated_metrics=[PREFERENCE_ACCURACY])
+
+    def decide_on(only_challenger: int, only_champion: int):
+        both = 1000 - only_challenger - only_champion
+        challenger = [True] * only_challenger + [False] * only_champion + [True] * both
+        champion = [False] * only_challenger + [True] * only_champion + [True] * both
+        interval = paired_accuracy_difference(challenger, champion, confidence=gate.confidence)
+        result = HeadToHead(differences={PREFERENCE_ACCURACY: Difference(PREFERENCE_ACCURACY, interval)})
+        return interval, decide_head_to_head(result, gate, challenger_version="2", champion_version="1")
+
+    interval, decision = decide_on(14, 5)
+    assert interval.low > 0 and interval.p_value == pytest.approx(0.0636, abs=1e-3)  # the two disagree here
+    assert not decision.promoted
+    assert decision.compared[PREFERENCE_ACCURACY]["verdict"] == "no significant difference"
+    interval, decision = decide_on(15, 5)
+    assert interval.low > 0 and interval.p_value < 0.05
+    assert decision.promoted and decision.outcome == PROMOTED

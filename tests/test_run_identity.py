@@ -15,6 +15,8 @@ def test_only_fields_that_change_the_weights_change_the_config_hash(tmp_path):
         f"workdir={tmp_path}", "train.output_dir=/x", "train.save_steps=5", "train.logging_steps=7",
         "eval.suites=[preference]", "registry.registered_model_name=x", "orchestration.cron=0 3 * * *",
         "orchestration.launch_with_accelerate=false", "data.test_size=0.5", "data.export=parquet",
+        # How the same numbers are computed (memory and speed knobs): tuning them must not retrain a night.
+        "train.logprob_chunk_size=64", "train.pad_to_multiple_of=64", "train.setup_self_check=false",
     ])
     assert semantic_config_hash(same) == semantic_config_hash(base)
     for override in ("train.learning_rate=1e-4", "train.lora.r=4", "train.orpo_lambda=0.2", "model.dtype=bfloat16",
@@ -38,7 +40,7 @@ def test_every_input_changes_the_key_and_the_tags_are_searchable():
 
 def test_code_revision_names_a_commit():
     revision = code_revision()
-    assert revision == "unknown" or len(revision.split("+")[0]) == 40
+    assert revision.startswith("source.") or len(revision.split("+")[0]) == 40
 
 
 def test_incremental_data_needs_the_champion_as_start():
@@ -65,3 +67,54 @@ def test_portable_references(tiny_model_dir, tmp_path):
     assert (pinned.pinned, pinned.identity, pinned.path) == (TINY_LLAMA, TINY_LLAMA, str(tiny_model_dir))
     local = pin_model(str(tiny_model_dir))
     assert local.identity.startswith(str(tiny_model_dir)) and "#" in local.identity
+
+
+def test_the_number_of_training_processes_changes_the_config_hash(tmp_path):
+    """The accelerate config's num_processes sets the global batch (per device x processes x accumulation), so
+    the same YAML on more GPUs trains another model and must not be skipped as unchanged; its path does not
+    count."""
+    def accelerate_yaml(name: str, processes: int):
+        path = tmp_path / name
+        path.write_text(f"distributed_type: MULTI_GPU\nnum_machines: 1\nnum_processes: {processes}\n")
+        return path
+
+    two, two_elsewhere, eight = accelerate_yaml("a.yaml", 2), accelerate_yaml("b.yaml", 2), accelerate_yaml("c.yaml", 8)
+    one_process = semantic_config_hash(load_config(None, []))
+    hashes = {name: semantic_config_hash(load_config(None, [f"train.accelerate_config={path}"]))
+              for name, path in (("two", two), ("two_elsewhere", two_elsewhere), ("eight", eight))}
+    assert hashes["two"] == hashes["two_elsewhere"]  # where the file lives is not an input
+    assert len({one_process, hashes["two"], hashes["eight"]}) == 3
+    # In-process training runs one process whatever the accelerate config says.
+    in_process = load_config(None, [f"train.accelerate_config={eight}", "orchestration.launch_with_accelerate=false"])
+    assert semantic_config_hash(in_process) == one_process
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        semantic_config_hash(load_config(None, [f"train.accelerate_config={tmp_path / 'missing.yaml'}"]))
+
+
+def test_without_git_the_code_revision_is_a_digest_of_the_sources(monkeypatch, tmp_path):
+    """A worker where git cannot answer (not installed, a copy without .git, or git refusing a checkout owned by
+    another user) used to record "unknown" every night, so a change of the training code never made a run
+    differ from the last one. It records a digest of the project's sources instead, which a code change moves."""
+    import subprocess
+
+    import orpo.run_identity as identity
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0], stderr="fatal: detected dubious ownership")
+
+    monkeypatch.setattr(identity.subprocess, "run", no_git)
+    revision = identity.code_revision()
+    assert revision != "unknown" and revision == identity.code_revision()
+
+    for package in ("orpo", "evals"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "loss.py").write_text("LAMBDA = 0.1\n")
+    (tmp_path / "orpo" / "__pycache__").mkdir()
+    (tmp_path / "orpo" / "__pycache__" / "loss.cpython-311.pyc").write_bytes(b"\x00")
+    (tmp_path / "runs").mkdir()  # outputs are not code
+    before = identity.source_digest(tmp_path)
+    (tmp_path / "runs" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "orpo" / "__pycache__" / "loss.cpython-311.pyc").write_bytes(b"\x01")
+    assert identity.source_digest(tmp_path) == before
+    (tmp_path / "orpo" / "loss.py").write_text("LAMBDA = 0.2\n")
+    assert identity.source_digest(tmp_path) != before

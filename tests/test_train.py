@@ -256,6 +256,31 @@ def test_batch_plan_splits_the_same_global_batches_whatever_the_processes(group_
         assert spread < 12 * 150
 
 
+def test_gradient_accumulation_steps_follow_the_one_big_batch(tiny_model_dir, toy_dataset, tmp_path):
+    """4 micro-batches of 2 pairs per optimizer step train like one batch of 8: the same pairs (BatchPlan),
+    every micro-batch normalised by the step's totals and `accelerator.backward`'s division by the accumulation
+    steps undone. A per-micro-batch mean would change the loss by more than 1e-6 (its NLL weights short batches
+    up) and a missing x4 would quarter the gradient norm. The schedule counts optimizer steps (inverse_sqrt with
+    2 warmup steps: the same learning rate at every logged step)."""
+    from orpo.train import train
+
+    runs = {}
+    for name, per_device, accumulation in (("one", 8, 1), ("accumulated", 2, 4)):
+        config = toy_config(tmp_path, tiny_model_dir, max_steps=4, per_device_batch_size=per_device,
+                            gradient_accumulation_steps=accumulation, learning_rate=1e-3, lr_scheduler="inverse_sqrt",
+                            warmup_steps=2, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+        result = train(config, toy_dataset, tmp_path / name)
+        runs[name] = [row for row in read_metrics(result.metrics_path) if "loss" in row]
+    assert [row["step"] for row in runs["accumulated"]] == [1, 2, 3, 4]
+    for big, accumulated in zip(runs["one"], runs["accumulated"]):
+        assert accumulated["loss"] == pytest.approx(big["loss"], abs=1e-6)
+        assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-5)
+        assert accumulated["learning_rate"] == big["learning_rate"]
+    # transformers' inverse_sqrt, stepped once per optimizer step (logged after the step: the next step's rate).
+    assert [row["learning_rate"] for row in runs["one"]] == pytest.approx([5e-4, 1e-3, 1e-3 * (2 / 3) ** 0.5,
+                                                                           1e-3 * (2 / 4) ** 0.5])
+
+
 def test_eval_batches_give_every_process_the_same_number_of_batches():
     from orpo.batching import eval_batches
 

@@ -167,3 +167,31 @@ def test_checkpoint_problem_names_the_file(tmp_path):
     assert "optimizer.bin is not a complete torch.save archive" in checkpoint_problem(checkpoint)
     _corrupt_state(checkpoint)
     assert checkpoint_problem(checkpoint).startswith(f"{checkpoint / 'trainer_state.json'} is unreadable")
+
+
+def test_a_checkpoint_of_other_inputs_is_refused_and_a_longer_run_resumes(tiny_model_dir, tmp_path):
+    """An output directory reused for other inputs (a fixed run_name or train.output_dir on a nightly schedule,
+    a rerun on new data or at another learning rate) used to resume the old checkpoint with a warning: the new
+    data's run started at the old run's last step with its weights, optimizer and schedule (the restored
+    schedule even keeps the old learning rate), and a finished run trained nothing at all, exporting the old
+    weights as the new model. It is refused, naming what differs. Asking for more steps still resumes."""
+    from orpo.checkpoints import CheckpointError
+    from orpo.train import train
+
+    dataset = write_toy_dataset(tmp_path / "dataset", train_pairs=8, test_pairs=2)
+    config = toy_config(tmp_path, tiny_model_dir, max_steps=2, per_device_batch_size=4, save_steps=2,
+                        lora={"r": 4, "alpha": 8})
+    output = tmp_path / "out"
+    train(config, dataset, output)
+
+    longer = train(config.model_copy(update={"train": config.train.model_copy(update={"max_steps": 4})}),
+                   dataset, output)
+    assert longer.global_step == 4
+    assert [row["step"] for row in read_metrics(longer.metrics_path) if "loss" in row] == [1, 2, 3, 4]
+
+    new_data = write_toy_dataset(tmp_path / "new-data", train_pairs=12, test_pairs=2)
+    with pytest.raises(CheckpointError, match=r"step-4 .*dataset.*new --output-dir"):
+        train(config, new_data, output)
+    other_lr = config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": 1e-4})})
+    with pytest.raises(CheckpointError, match=r"train\.learning_rate"):
+        train(other_lr, dataset, output)
