@@ -323,3 +323,25 @@ def test_shared_eval_files(shared_data, tmp_path):
     assert deco.check("Write the word 'garden' backwards.") is None
     with pytest.raises(DecontaminationFileError, match="does not exist"):
         load_eval_prompts([tmp_path / "missing.jsonl"])
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi?"}],
+        [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "And in German?"}],
+    ],
+    ids=["system-prompt", "multi-turn"],
+)
+def test_normalize_refuses_conversations_it_would_cut_to_one_turn(context):
+    """A binarized row's pair is (prompt, last assistant message): a system prompt or earlier turns cannot
+    be carried, so such a row is malformed rather than silently paired with the wrong context."""
+    row = {"prompt": "Hi?", "chosen": [*context, {"role": "assistant", "content": "Hallo."}],
+           "rejected": [*context, {"role": "assistant", "content": "Bonjour."}]}
+    with pytest.raises(MalformedRecordError, match="chosen"):
+        normalize_binarized(row, "f.jsonl:3")
+    # Only the rejected side carrying context is caught too.
+    single = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hallo."}]
+    with pytest.raises(MalformedRecordError, match="rejected"):
+        normalize_binarized(dict(row, chosen=single), "f.jsonl:3")

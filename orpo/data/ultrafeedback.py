@@ -375,6 +375,15 @@ def _response_text(value: Any, location: str, field: str) -> str:
         last = value[-1]
         if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
             raise MalformedRecordError(location, f"{field}[-1]", "expected an assistant message with content")
+        # A pair is (prompt, last answer): a system prompt or earlier turns would be dropped and the answer
+        # paired with the wrong context, so only [assistant] or [user, assistant] is accepted.
+        context = value[:-1]
+        if len(context) > 1 or (context and (not isinstance(context[0], Mapping) or context[0].get("role") != "user")):
+            roles = [m.get("role") if isinstance(m, Mapping) else type(m).__name__ for m in value]
+            raise MalformedRecordError(
+                location, field, f"a conversation with roles {roles}: only single-turn user -> assistant pairs "
+                "are supported (a system prompt or earlier turns would be lost)",
+            )
         return last["content"]
     raise MalformedRecordError(location, field, "expected a list of {role, content} messages or a string")
 
