@@ -55,7 +55,9 @@ class DataConfig(_Section):
     decontaminate: bool = Field(True, description="Drop truthful_qa records and prompts overlapping eval prompts.")
     decontamination_files: list[str] = Field(
         default_factory=list,
-        description="Evaluation prompt files (MT-Bench question.jsonl, AlpacaEval json) to decontaminate against.",
+        description="Evaluation prompt files (MT-Bench question.jsonl, AlpacaEval json) to decontaminate against. "
+        "Add TruthfulQA (TruthfulQA.csv, or truthful_qa rows with `question` as jsonl/parquet) to drop its "
+        "questions that UltraFeedback holds under other sources, as the H4 and argilla-cleaned recipes did.",
     )
     decontamination_ngram: int = Field(13, ge=4, description="Shared word n-gram length that counts as overlap.")
     dedupe: bool = Field(True, description="Keep each prompt once.")
