@@ -389,3 +389,24 @@ def test_dedupe_ignores_whitespace_and_keeps_the_first(tmp_path):
     assert kept == [variants[0]]
     kept_all = prepare_dataset(config(source, decontaminate=False, dedupe=False), tmp_path / "off", progress=False)
     assert kept_all.counts["pairs"] == 3
+
+
+def test_length_limits_count_the_tokens_training_sees_without_a_template(tmp_path, tiny_tokenizer):
+    """A tokenizer without a chat template trains on orpo.chat_template's fallback (role tags, EOS-closed
+    turns): the filter counts those tokens, and a different template makes a different dataset identity."""
+    import copy
+
+    from orpo.collate import tokenize_pair
+    from orpo.data.binarize import LengthLimit, tokenizer_identity
+    from orpo.data.ultrafeedback import Pair
+
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = None
+    pair = Pair(prompt="Name a colour.", chosen="Blue is a colour.", rejected="No.", score_chosen=5.0,
+                score_rejected=1.0, source="s", chosen_model="a", rejected_model="b")
+    trained = tokenize_pair(pair.to_row(), bare, max_length=512, max_prompt_length=256)
+    longest = trained["prompt_length"] + max(trained["chosen_length"], trained["rejected_length"])
+    assert LengthLimit(bare, None, longest).too_long([pair]) == [False]
+    assert LengthLimit(bare, None, longest - 1).too_long([pair]) == [True]
+    assert LengthLimit(bare, trained["prompt_length"] - 1, None).too_long([pair]) == [True]
+    assert tokenizer_identity(bare) != tokenizer_identity(tiny_tokenizer)

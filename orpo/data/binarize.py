@@ -288,20 +288,27 @@ class LengthLimit:
         return flags
 
     def _render(self, conversations: list[list[dict[str, str]]], generation_prompt: bool = False) -> list[str]:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                conversations, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        return ["\n".join(m["content"] for m in conversation) for conversation in conversations]
+        # The template training renders with (orpo.collate): a tokenizer without one gets the fallback's
+        # role tags and EOS-closed turns, which count against the limits too.
+        from orpo.chat_template import template_of
+
+        return self.tokenizer.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=generation_prompt,
+            chat_template=template_of(self.tokenizer),
+        )
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
-    """Name + a hash of the vocabulary and merges, so a different tokenizer makes a different dataset."""
+    """Name + a hash of the vocabulary and merges and of the chat template the lengths are counted with, so
+    a different tokenizer or template makes a different dataset."""
+    from orpo.chat_template import template_of
+
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    template = hashlib.sha256(template_of(tokenizer).encode()).hexdigest()[:16]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return f"{name}#{hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]}"
-    return f"{name}#vocab{len(tokenizer)}"
+        return f"{name}#{hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]}#template-{template}"
+    return f"{name}#vocab{len(tokenizer)}#template-{template}"
 
 
 def _resolve_tokenizer(cfg: DataConfig, tokenizer: Any) -> Any:
