@@ -410,3 +410,27 @@ def test_length_limits_count_the_tokens_training_sees_without_a_template(tmp_pat
     assert LengthLimit(bare, None, longest - 1).too_long([pair]) == [True]
     assert LengthLimit(bare, trained["prompt_length"] - 1, None).too_long([pair]) == [True]
     assert tokenizer_identity(bare) != tokenizer_identity(tiny_tokenizer)
+
+
+def test_skipped_records_are_named_in_the_manifest(tmp_path, monkeypatch):
+    """A count of records dropped as too_few_completions (or empty, tied, duplicate) without a way to find
+    them is no help: the manifest names the first few of each reason, the same with worker processes."""
+    records = sample_records()[:30]
+    records[2] = {**records[2], "completions": records[2]["completions"][:1]}
+    records[5] = {**records[5], "instruction": "   "}
+    records[7] = {**records[7], "completions": [{**c, "response": ""} for c in records[7]["completions"]]}
+    records[9] = dict(records[1])
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    cfg = config(source, decontaminate=False)
+    manifests = [manifest_of(prepare_dataset(cfg, tmp_path / "single", progress=False, workers=1))]
+    monkeypatch.setattr(binarize_module, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(pool_module, "PARALLEL_CHUNK_BYTES", 20_000)
+    manifests.append(manifest_of(prepare_dataset(cfg, tmp_path / "parallel", progress=False, workers=2)))
+    for manifest in manifests:
+        examples = manifest["drop_examples"]
+        assert [e["location"] for e in examples["too_few_completions"]] == [f"{source}:3", f"{source}:8"]
+        assert "1 usable of 1" in examples["too_few_completions"][0]["detail"]
+        assert [e["location"] for e in examples["empty_prompt"]] == [f"{source}:6"]
+        assert [e["location"] for e in examples["duplicate"]] == [f"{source}:10"]
+        assert sum(map(len, examples.values())) == manifest["counts"]["dropped"]
+    assert manifests[0]["drop_examples"] == manifests[1]["drop_examples"]

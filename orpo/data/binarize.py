@@ -87,6 +87,7 @@ FORMAT_VERSION = "orpo-binarize-3"
 SPLITS = ("train", "test")
 MAX_MALFORMED_EXAMPLES = 10
 MAX_DECONTAMINATION_EXAMPLES = 10
+MAX_DROP_EXAMPLES = 10  # per drop reason other than malformed and decontaminated (which have their own lists)
 WRITE_BATCH_ROWS = 1000
 # Local JSONL files this large are parsed by worker processes, in chunks of this size.
 PARALLEL_MIN_BYTES = 64 << 20
@@ -339,7 +340,7 @@ class Outcome:
     pair: Pair | None = None
     reason: str = ""
     field: str = ""  # malformed: the field; decontaminated: the rule (source, exact, ngram)
-    detail: str = ""  # malformed: the problem; decontaminated: the evaluation prompt matched
+    detail: str = ""  # malformed: the problem; decontaminated: the evaluation prompt matched; else why
     non_numeric_ratings: int = 0
     non_numeric_overall: int = 0
     prebinarized: bool = False
@@ -391,7 +392,7 @@ class RecordProcessor:
             outcome.reason, outcome.field, outcome.detail = MALFORMED, exc.field, exc.problem
             return outcome
         if isinstance(result, Dropped):
-            outcome.reason = result.reason
+            outcome.reason, outcome.detail = result.reason, result.detail
         else:
             outcome.pair = result
         return outcome
@@ -430,6 +431,7 @@ class _Tally:
     malformed_examples: list[dict[str, str]] = field(default_factory=list)
     decontaminated: Counter = field(default_factory=Counter)
     decontamination_examples: list[dict[str, str]] = field(default_factory=list)
+    drop_examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # reason -> first few records
     non_numeric_ratings: int = 0
     non_numeric_overall_scores: int = 0
     prebinarized_records: int = 0
@@ -476,9 +478,16 @@ class _Binarizer:
                     tally.decontamination_examples.append(
                         {"location": outcome.location, "rule": outcome.field, "matched": outcome.detail}
                     )
+            else:
+                self._drop_example(outcome, outcome.reason)
             tally.dropped[outcome.reason] += 1
         if len(self._pending) >= WRITE_BATCH_ROWS:
             self.flush()
+
+    def _drop_example(self, outcome: Outcome, reason: str) -> None:
+        examples = self.tally.drop_examples.setdefault(reason, [])
+        if len(examples) < MAX_DROP_EXAMPLES:
+            examples.append({"location": outcome.location, "detail": outcome.detail})
 
     def flush(self) -> None:
         """Length-filter, dedupe and split the pending pairs, length first: a too long first copy of a
@@ -489,10 +498,12 @@ class _Binarizer:
         for (shard, outcome), pair, long in zip(pending, pairs, too_long, strict=True):
             if long:
                 self.tally.dropped[TOO_LONG] += 1
+                self._drop_example(outcome, TOO_LONG)
                 continue
             if self.cfg.dedupe:
                 if outcome.dedupe_key in self.seen:
                     self.tally.dropped[DUPLICATE] += 1
+                    self._drop_example(outcome, DUPLICATE)
                     continue
                 self.seen.add(outcome.dedupe_key)
             split = "test" if is_test(pair.prompt_id, self.cfg.test_size) else "train"
