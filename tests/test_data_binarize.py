@@ -434,3 +434,25 @@ def test_skipped_records_are_named_in_the_manifest(tmp_path, monkeypatch):
         assert [e["location"] for e in examples["duplicate"]] == [f"{source}:10"]
         assert sum(map(len, examples.values())) == manifest["counts"]["dropped"]
     assert manifests[0]["drop_examples"] == manifests[1]["drop_examples"]
+
+
+def test_files_with_a_utf8_byte_order_mark_read_like_files_without(tmp_path, monkeypatch):
+    """Editors and Windows tools write a BOM first; json.load reads through it, orjson (optional) does not,
+    so without care the first record (JSONL) or the whole array (JSON) turned malformed with orjson only."""
+    records = sample_records()[:20]
+    plain = prepare_dataset(config(write_jsonl(tmp_path / "plain.jsonl", records), decontaminate=False),
+                            tmp_path / "out-plain", progress=False)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.jsonl").read_bytes())
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1).encode("utf-8"))
+    for path in (jsonl, array):
+        prepared = prepare_dataset(config(path, decontaminate=False), tmp_path / f"out-{path.suffix}",
+                                   progress=False)
+        assert prepared.fingerprint == plain.fingerprint, path
+    # The worker processes read the first chunk of a large file the same way.
+    monkeypatch.setattr(binarize_module, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(pool_module, "PARALLEL_CHUNK_BYTES", 20_000)
+    parallel = prepare_dataset(config(jsonl, decontaminate=False), tmp_path / "out-parallel", progress=False,
+                               workers=2)
+    assert parallel.fingerprint == plain.fingerprint

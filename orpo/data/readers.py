@@ -155,6 +155,9 @@ def _json_loads():
         return json.loads, (json.JSONDecodeError, UnicodeDecodeError)
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def iter_jsonl(path: Path, start: int = 0, end: int | None = None) -> Iterator[RawItem]:
     """Records of a JSON Lines file (optionally gzip), or of the byte range [start, end) of one.
 
@@ -173,6 +176,8 @@ def iter_jsonl(path: Path, start: int = 0, end: int | None = None) -> Iterator[R
                 if remaining <= 0:
                     break
                 remaining -= len(line)
+            if line_number == 1 and not start and line.startswith(_UTF8_BOM):
+                line = line[len(_UTF8_BOM):]  # json.loads reads through it, orjson refuses it
             if not line.strip():
                 continue
             location = f"{path}:{line_number}"
@@ -209,7 +214,7 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[RawItem]
     `json.load` holds the whole array in memory; this loop feeds the standard decoder one element at a time.)
     """
     decoder = json.JSONDecoder()
-    with path.open("r", encoding="utf-8") as handle:
+    with path.open("r", encoding="utf-8-sig") as handle:  # -sig: a leading BOM is not JSON
         buffer = handle.read(chunk_chars)
         eof = not buffer
         pos = _skip_ws(buffer, 0)
