@@ -456,3 +456,18 @@ def test_files_with_a_utf8_byte_order_mark_read_like_files_without(tmp_path, mon
     parallel = prepare_dataset(config(jsonl, decontaminate=False), tmp_path / "out-parallel", progress=False,
                                workers=2)
     assert parallel.fingerprint == plain.fingerprint
+
+
+def test_jsonl_export_of_unscored_pairs_is_json_and_reads_back(tmp_path):
+    """Binarized rows without scores carry NaN; the JSONL export writes null (NaN is not JSON: orjson, jq and
+    our own reader refused the export), and binarizing the export gives the same pairs."""
+    rows = [{"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Quito."},
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5", "score_chosen": 9.0, "score_rejected": 2.0}]
+    prepared = prepare_dataset(config(write_jsonl(tmp_path / "in.jsonl", rows), export="jsonl", test_size=0.01),
+                               tmp_path / "out", progress=False)
+    exported = prepared.dataset_dir / "export" / "train.jsonl"
+    lines = exported.read_text(encoding="utf-8").splitlines()
+    strict = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the export")) for line in lines]
+    assert {row["prompt"]: row["score_chosen"] for row in strict} == {"Capital of Peru?": None, "2+2?": 9.0}
+    again = prepare_dataset(config(exported, test_size=0.01), tmp_path / "again", progress=False)
+    assert again.fingerprint == prepared.fingerprint

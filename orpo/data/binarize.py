@@ -620,7 +620,11 @@ def _export(dataset_dir: Path, fmt: str) -> list[str]:
             with path.open("w", encoding="utf-8", newline="\n") as handle:
                 for batch in dataset[split].iter(batch_size=WRITE_BATCH_ROWS):
                     for row in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)):
-                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        # An unknown score (a binarized row without one) is NaN, which JSON has not: null.
+                        for score in ("score_chosen", "score_rejected"):
+                            if row[score] != row[score]:
+                                row[score] = None
+                        handle.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
         written.append(path.relative_to(dataset_dir).as_posix())
     return written
 
