@@ -46,9 +46,10 @@ def is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith(FILE_SUFFIXES)
 
 
-def _is_data_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(FILE_SUFFIXES) and not path.name.startswith(".") \
-        and path.name != MANIFEST
+def _is_data_file(path: Path, root: Path) -> bool:
+    # Nothing under a hidden folder below the source (.ipynb_checkpoints holds older copies of shards).
+    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+    return path.is_file() and path.name.endswith(FILE_SUFFIXES) and not hidden and path.name != MANIFEST
 
 
 def _glob_root(source: str) -> tuple[Path, str]:
@@ -64,14 +65,14 @@ def input_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if is_glob(source):
         root, pattern = _glob_root(source)
-        files = sorted(p for p in root.glob(pattern) if _is_data_file(p))
+        files = sorted(p for p in root.glob(pattern) if _is_data_file(p, root))
         if not files:
             raise DataPreparationError(f"data source {source!r} matches no {', '.join(FILE_SUFFIXES)} files")
         return files
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _is_data_file(p))
+        files = sorted(p for p in path.rglob("*") if _is_data_file(p, path))
         if not files:
             raise DataPreparationError(f"{path} holds no {', '.join(FILE_SUFFIXES)} files")
         return files
