@@ -375,3 +375,14 @@ def test_truthfulqa_question_files_remove_its_prompts_from_other_sources(tmp_pat
     no_question.write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(DecontaminationFileError, match="other.csv"):
         load_eval_prompts([no_question])
+
+
+def test_normalize_trl_conversational_layout():
+    """trl-lib/ultrafeedback_binarized: prompt = [user message], chosen/rejected = [assistant message]."""
+    row = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+           "rejected": [{"role": "assistant", "content": "Go away."}], "score_chosen": 8.0, "score_rejected": 2.0}
+    pair = normalize_binarized(row, "hub")
+    assert (pair.prompt, pair.chosen, pair.rejected, pair.score_chosen) == ("Hi?", "Hello!", "Go away.", 8.0)
+    with_system = dict(row, prompt=[{"role": "system", "content": "Be rude."}, *row["prompt"]])
+    with pytest.raises(MalformedRecordError, match="prompt"):
+        normalize_binarized(with_system, "f.jsonl:4")
