@@ -55,12 +55,19 @@ class DataConfig(_Section):
     decontaminate: bool = Field(True, description="Drop truthful_qa records and prompts overlapping eval prompts.")
     decontamination_files: list[str] = Field(
         default_factory=list,
-        description="Evaluation prompt files (MT-Bench question.jsonl, AlpacaEval json) to decontaminate against.",
+        description="Evaluation prompt files (MT-Bench question.jsonl, AlpacaEval json) to decontaminate against. "
+        "Add TruthfulQA (TruthfulQA.csv, or truthful_qa rows with `question` as jsonl/parquet) to drop its "
+        "questions that UltraFeedback holds under other sources, as the H4 and argilla-cleaned recipes did.",
     )
     decontamination_ngram: int = Field(13, ge=4, description="Shared word n-gram length that counts as overlap.")
     dedupe: bool = Field(True, description="Keep each prompt once.")
     fix_overall_score: bool = Field(False, description="Apply the 2023 UltraFeedback overall_score fix.")
-    tokenizer: str | None = Field(None, description="Tokenizer for the length limits (default: the model's).")
+    tokenizer: str | None = Field(
+        None,
+        description="Model spec whose tokenizer counts tokens for max_prompt_tokens / max_length (required with "
+        "them; nothing falls back to the model's). Counted with its own chat template, else the fallback "
+        "training uses; a model.chat_template override is not seen here.",
+    )
     max_prompt_tokens: int | None = Field(None, gt=0, description="Drop pairs whose prompt is longer.")
     max_length: int | None = Field(None, gt=0, description="Drop pairs whose prompt+response is longer.")
     on_error: Literal["fail", "skip"] = Field("fail", description="Malformed records: stop, or count and skip.")

@@ -119,3 +119,12 @@ def test_tracking_uri_defaults_to_sqlite_in_workdir(tmp_path, monkeypatch):
     assert config.resolved_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert config.resolved_tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_paper_recipe_drops_pairs_whose_prompt_training_would_cut():
+    """xfactlab/orpo's main.py keeps only rows whose chat-formatted prompt is shorter than prompt_max_length
+    (1792): those pairs are dropped, never trained on with a left-truncated prompt. The limit is counted with
+    the model's tokenizer and the template training uses (data.tokenizer: the model itself)."""
+    config = load_config(CONFIGS / "mistral-7b-orpo-beta.yaml")
+    assert config.data.max_prompt_tokens == config.train.max_prompt_length == 1792
+    assert config.data.tokenizer == config.model.name_or_path

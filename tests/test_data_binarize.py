@@ -389,3 +389,85 @@ def test_dedupe_ignores_whitespace_and_keeps_the_first(tmp_path):
     assert kept == [variants[0]]
     kept_all = prepare_dataset(config(source, decontaminate=False, dedupe=False), tmp_path / "off", progress=False)
     assert kept_all.counts["pairs"] == 3
+
+
+def test_length_limits_count_the_tokens_training_sees_without_a_template(tmp_path, tiny_tokenizer):
+    """A tokenizer without a chat template trains on orpo.chat_template's fallback (role tags, EOS-closed
+    turns): the filter counts those tokens, and a different template makes a different dataset identity."""
+    import copy
+
+    from orpo.collate import tokenize_pair
+    from orpo.data.binarize import LengthLimit, tokenizer_identity
+    from orpo.data.ultrafeedback import Pair
+
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = None
+    pair = Pair(prompt="Name a colour.", chosen="Blue is a colour.", rejected="No.", score_chosen=5.0,
+                score_rejected=1.0, source="s", chosen_model="a", rejected_model="b")
+    trained = tokenize_pair(pair.to_row(), bare, max_length=512, max_prompt_length=256)
+    longest = trained["prompt_length"] + max(trained["chosen_length"], trained["rejected_length"])
+    assert LengthLimit(bare, None, longest).too_long([pair]) == [False]
+    assert LengthLimit(bare, None, longest - 1).too_long([pair]) == [True]
+    assert LengthLimit(bare, trained["prompt_length"] - 1, None).too_long([pair]) == [True]
+    assert tokenizer_identity(bare) != tokenizer_identity(tiny_tokenizer)
+
+
+def test_skipped_records_are_named_in_the_manifest(tmp_path, monkeypatch):
+    """A count of records dropped as too_few_completions (or empty, tied, duplicate) without a way to find
+    them is no help: the manifest names the first few of each reason, the same with worker processes."""
+    records = sample_records()[:30]
+    records[2] = {**records[2], "completions": records[2]["completions"][:1]}
+    records[5] = {**records[5], "instruction": "   "}
+    records[7] = {**records[7], "completions": [{**c, "response": ""} for c in records[7]["completions"]]}
+    records[9] = dict(records[1])
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    cfg = config(source, decontaminate=False)
+    manifests = [manifest_of(prepare_dataset(cfg, tmp_path / "single", progress=False, workers=1))]
+    monkeypatch.setattr(binarize_module, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(pool_module, "PARALLEL_CHUNK_BYTES", 20_000)
+    manifests.append(manifest_of(prepare_dataset(cfg, tmp_path / "parallel", progress=False, workers=2)))
+    for manifest in manifests:
+        examples = manifest["drop_examples"]
+        assert [e["location"] for e in examples["too_few_completions"]] == [f"{source}:3", f"{source}:8"]
+        assert "1 usable of 1" in examples["too_few_completions"][0]["detail"]
+        assert [e["location"] for e in examples["empty_prompt"]] == [f"{source}:6"]
+        assert [e["location"] for e in examples["duplicate"]] == [f"{source}:10"]
+        assert sum(map(len, examples.values())) == manifest["counts"]["dropped"]
+    assert manifests[0]["drop_examples"] == manifests[1]["drop_examples"]
+
+
+def test_files_with_a_utf8_byte_order_mark_read_like_files_without(tmp_path, monkeypatch):
+    """Editors and Windows tools write a BOM first; json.load reads through it, orjson (optional) does not,
+    so without care the first record (JSONL) or the whole array (JSON) turned malformed with orjson only."""
+    records = sample_records()[:20]
+    plain = prepare_dataset(config(write_jsonl(tmp_path / "plain.jsonl", records), decontaminate=False),
+                            tmp_path / "out-plain", progress=False)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.jsonl").read_bytes())
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1).encode("utf-8"))
+    for path in (jsonl, array):
+        prepared = prepare_dataset(config(path, decontaminate=False), tmp_path / f"out-{path.suffix}",
+                                   progress=False)
+        assert prepared.fingerprint == plain.fingerprint, path
+    # The worker processes read the first chunk of a large file the same way.
+    monkeypatch.setattr(binarize_module, "PARALLEL_MIN_BYTES", 1)
+    monkeypatch.setattr(pool_module, "PARALLEL_CHUNK_BYTES", 20_000)
+    parallel = prepare_dataset(config(jsonl, decontaminate=False), tmp_path / "out-parallel", progress=False,
+                               workers=2)
+    assert parallel.fingerprint == plain.fingerprint
+
+
+def test_jsonl_export_of_unscored_pairs_is_json_and_reads_back(tmp_path):
+    """Binarized rows without scores carry NaN; the JSONL export writes null (NaN is not JSON: orjson, jq and
+    our own reader refused the export), and binarizing the export gives the same pairs."""
+    rows = [{"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Quito."},
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5", "score_chosen": 9.0, "score_rejected": 2.0}]
+    prepared = prepare_dataset(config(write_jsonl(tmp_path / "in.jsonl", rows), export="jsonl", test_size=0.01),
+                               tmp_path / "out", progress=False)
+    exported = prepared.dataset_dir / "export" / "train.jsonl"
+    lines = exported.read_text(encoding="utf-8").splitlines()
+    strict = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the export")) for line in lines]
+    assert {row["prompt"]: row["score_chosen"] for row in strict} == {"Capital of Peru?": None, "2+2?": 9.0}
+    again = prepare_dataset(config(exported, test_size=0.01), tmp_path / "again", progress=False)
+    assert again.fingerprint == prepared.fingerprint

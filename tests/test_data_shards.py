@@ -110,3 +110,16 @@ def test_binarize_cli_exits_1_on_empty_data_without_a_traceback(tmp_path):
     result = subprocess.run([*command, "--allow-empty"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((out / "manifest.json").read_text())["counts"]["pairs"] == 0
+
+
+def test_files_under_hidden_directories_are_not_shards(tmp_path):
+    """Jupyter's .ipynb_checkpoints (an older copy of a shard), .git or cache folders inside a source
+    directory are not data: reading them trained on stale or duplicated records."""
+    drops = tmp_path / "drops"
+    write_shards(drops, 40, 30)
+    write_shards(drops / ".ipynb_checkpoints", 10, start=200)
+    write_shards(drops / "sub" / ".cache", 10, start=250)
+    prepared = prepare_dataset(options(str(drops)), tmp_path / "ds", progress=False, workers=1)
+    assert [s.name for s in read_manifest(prepared.dataset_dir).shards] == ["2026-11-01.jsonl", "2026-11-02.jsonl"]
+    globbed = prepare_dataset(options(str(drops / "**" / "*.jsonl")), tmp_path / "ds-glob", progress=False, workers=1)
+    assert [s.name for s in read_manifest(globbed.dataset_dir).shards] == ["2026-11-01.jsonl", "2026-11-02.jsonl"]

@@ -87,6 +87,7 @@ FORMAT_VERSION = "orpo-binarize-3"
 SPLITS = ("train", "test")
 MAX_MALFORMED_EXAMPLES = 10
 MAX_DECONTAMINATION_EXAMPLES = 10
+MAX_DROP_EXAMPLES = 10  # per drop reason other than malformed and decontaminated (which have their own lists)
 WRITE_BATCH_ROWS = 1000
 # Local JSONL files this large are parsed by worker processes, in chunks of this size.
 PARALLEL_MIN_BYTES = 64 << 20
@@ -288,20 +289,27 @@ class LengthLimit:
         return flags
 
     def _render(self, conversations: list[list[dict[str, str]]], generation_prompt: bool = False) -> list[str]:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
-                conversations, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        return ["\n".join(m["content"] for m in conversation) for conversation in conversations]
+        # The template training renders with (orpo.collate): a tokenizer without one gets the fallback's
+        # role tags and EOS-closed turns, which count against the limits too.
+        from orpo.chat_template import template_of
+
+        return self.tokenizer.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=generation_prompt,
+            chat_template=template_of(self.tokenizer),
+        )
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
-    """Name + a hash of the vocabulary and merges, so a different tokenizer makes a different dataset."""
+    """Name + a hash of the vocabulary and merges and of the chat template the lengths are counted with, so
+    a different tokenizer or template makes a different dataset."""
+    from orpo.chat_template import template_of
+
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    template = hashlib.sha256(template_of(tokenizer).encode()).hexdigest()[:16]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return f"{name}#{hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]}"
-    return f"{name}#vocab{len(tokenizer)}"
+        return f"{name}#{hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]}#template-{template}"
+    return f"{name}#vocab{len(tokenizer)}#template-{template}"
 
 
 def _resolve_tokenizer(cfg: DataConfig, tokenizer: Any) -> Any:
@@ -332,7 +340,7 @@ class Outcome:
     pair: Pair | None = None
     reason: str = ""
     field: str = ""  # malformed: the field; decontaminated: the rule (source, exact, ngram)
-    detail: str = ""  # malformed: the problem; decontaminated: the evaluation prompt matched
+    detail: str = ""  # malformed: the problem; decontaminated: the evaluation prompt matched; else why
     non_numeric_ratings: int = 0
     non_numeric_overall: int = 0
     prebinarized: bool = False
@@ -384,7 +392,7 @@ class RecordProcessor:
             outcome.reason, outcome.field, outcome.detail = MALFORMED, exc.field, exc.problem
             return outcome
         if isinstance(result, Dropped):
-            outcome.reason = result.reason
+            outcome.reason, outcome.detail = result.reason, result.detail
         else:
             outcome.pair = result
         return outcome
@@ -423,6 +431,7 @@ class _Tally:
     malformed_examples: list[dict[str, str]] = field(default_factory=list)
     decontaminated: Counter = field(default_factory=Counter)
     decontamination_examples: list[dict[str, str]] = field(default_factory=list)
+    drop_examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # reason -> first few records
     non_numeric_ratings: int = 0
     non_numeric_overall_scores: int = 0
     prebinarized_records: int = 0
@@ -469,9 +478,16 @@ class _Binarizer:
                     tally.decontamination_examples.append(
                         {"location": outcome.location, "rule": outcome.field, "matched": outcome.detail}
                     )
+            else:
+                self._drop_example(outcome, outcome.reason)
             tally.dropped[outcome.reason] += 1
         if len(self._pending) >= WRITE_BATCH_ROWS:
             self.flush()
+
+    def _drop_example(self, outcome: Outcome, reason: str) -> None:
+        examples = self.tally.drop_examples.setdefault(reason, [])
+        if len(examples) < MAX_DROP_EXAMPLES:
+            examples.append({"location": outcome.location, "detail": outcome.detail})
 
     def flush(self) -> None:
         """Length-filter, dedupe and split the pending pairs, length first: a too long first copy of a
@@ -482,10 +498,12 @@ class _Binarizer:
         for (shard, outcome), pair, long in zip(pending, pairs, too_long, strict=True):
             if long:
                 self.tally.dropped[TOO_LONG] += 1
+                self._drop_example(outcome, TOO_LONG)
                 continue
             if self.cfg.dedupe:
                 if outcome.dedupe_key in self.seen:
                     self.tally.dropped[DUPLICATE] += 1
+                    self._drop_example(outcome, DUPLICATE)
                     continue
                 self.seen.add(outcome.dedupe_key)
             split = "test" if is_test(pair.prompt_id, self.cfg.test_size) else "train"
@@ -602,7 +620,11 @@ def _export(dataset_dir: Path, fmt: str) -> list[str]:
             with path.open("w", encoding="utf-8", newline="\n") as handle:
                 for batch in dataset[split].iter(batch_size=WRITE_BATCH_ROWS):
                     for row in (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)):
-                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        # An unknown score (a binarized row without one) is NaN, which JSON has not: null.
+                        for score in ("score_chosen", "score_rejected"):
+                            if row[score] != row[score]:
+                                row[score] = None
+                        handle.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
         written.append(path.relative_to(dataset_dir).as_posix())
     return written
 

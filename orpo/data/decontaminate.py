@@ -10,11 +10,15 @@ Evaluation prompts shorter than n words can only match by equality: a 13-gram te
 would never fire, and matching every short sub-sequence would flag ordinary phrases.
 
 Evaluation files: FastChat `question.jsonl` (objects with `turns`), AlpacaEval JSON (a list of objects
-with `instruction`), or JSONL/JSON of objects with `instruction`, `prompt` or `turns`.
+with `instruction`), TruthfulQA (`TruthfulQA.csv` with a `Question` column, or the hub's `truthful_qa`
+rows with `question`, as JSONL/JSON/Parquet), or JSONL/JSON of objects with `instruction`, `prompt`,
+`question` or `turns`. UltraFeedback holds TruthfulQA questions under other sources too (evol_instruct),
+which only a TruthfulQA file catches: the H4 and argilla-cleaned recipes removed those as well.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -61,15 +65,43 @@ def _prompts_from_object(obj: object, origin: str) -> Iterator[EvalPrompt]:
             if isinstance(turn, str):
                 yield EvalPrompt(turn, f"{origin} turn {turn_index}")
         return
-    for key in ("instruction", "prompt"):
+    for key in _TEXT_FIELDS:
         if isinstance(obj.get(key), str):
             yield EvalPrompt(obj[key], origin)
             return
-    raise DecontaminationFileError(f"{origin}: no `turns`, `instruction` or `prompt` field")
+    raise DecontaminationFileError(f"{origin}: no `turns`, `instruction`, `prompt` or `question` field")
+
+
+# `question`: TruthfulQA as the hub serves it; `Question`: its original TruthfulQA.csv.
+_TEXT_FIELDS = ("instruction", "prompt", "question", "Question")
+
+
+def _prompts_from_table(path: Path) -> Iterator[EvalPrompt]:
+    """The prompts of a CSV or Parquet file: one text column (see _TEXT_FIELDS), one prompt a row."""
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        columns = table.column_names
+        column = next((name for name in _TEXT_FIELDS if name in columns), None)
+        values = table[column].to_pylist() if column else []
+    else:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            column = next((name for name in _TEXT_FIELDS if name in columns), None)
+            values = [row[column] for row in reader] if column else []
+    if column is None:
+        raise DecontaminationFileError(
+            f"{path}: no column {', '.join(_TEXT_FIELDS)} (it has {', '.join(map(str, columns))})"
+        )
+    for index, value in enumerate(values):
+        if isinstance(value, str) and value.strip():
+            yield EvalPrompt(value, f"{path.name}[row {index}]")
 
 
 def load_eval_prompts(paths: Iterable[str | Path]) -> list[EvalPrompt]:
-    """Read evaluation prompts from FastChat question.jsonl and AlpacaEval-style JSON files."""
+    """Read evaluation prompts from FastChat question.jsonl, AlpacaEval-style JSON and TruthfulQA files."""
     prompts: list[EvalPrompt] = []
     for path in map(Path, paths):
         if not path.is_file():
@@ -77,6 +109,14 @@ def load_eval_prompts(paths: Iterable[str | Path]) -> list[EvalPrompt]:
                 f"decontamination file {path} does not exist; give MT-Bench question.jsonl or an AlpacaEval "
                 "json (data.decontamination_files), or turn decontamination off"
             )
+        if path.name.endswith((".csv", ".parquet")):
+            try:
+                prompts.extend(_prompts_from_table(path))
+            except DecontaminationFileError:
+                raise
+            except (csv.Error, ValueError, OSError) as exc:  # UnicodeDecodeError and ArrowInvalid are ValueErrors
+                raise DecontaminationFileError(f"{path}: not a readable CSV/Parquet file ({exc})") from exc
+            continue
         text = path.read_text(encoding="utf-8")
         stripped = text.lstrip()
         try:

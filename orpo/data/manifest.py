@@ -116,6 +116,9 @@ def build_manifest(
         # Shards present in the source but left out (data.incremental: seen by the start model's data).
         "excluded_shards": [{"name": s.name, "sha256": s.sha256, "size": s.size} for s in excluded],
         "malformed_examples": tally.malformed_examples,
+        # The first records dropped for each other reason (decontaminated ones are under decontamination).
+        "drop_examples": {reason: tally.drop_examples[reason] for reason in DROP_REASONS
+                          if reason in tally.drop_examples},
         "non_numeric_ratings": tally.non_numeric_ratings,
         "non_numeric_overall_scores": tally.non_numeric_overall_scores,
         "prebinarized_records": tally.prebinarized_records,

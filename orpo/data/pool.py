@@ -131,8 +131,8 @@ class WorkerPool:
                 sent += 1
             for outcome in payload.outcomes:
                 outcome.line += base
-                if outcome.reason:  # only drops are reported by location
-                    outcome.location = f"{path}:{outcome.line}"
+                # Pairs too: the length limit and dedupe, after this, name the records they drop.
+                outcome.location = f"{path}:{outcome.line}"
             base += payload.lines
             yield payload.outcomes, payload.nbytes
         self._idle = True

@@ -46,9 +46,10 @@ def is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not source.endswith(FILE_SUFFIXES)
 
 
-def _is_data_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(FILE_SUFFIXES) and not path.name.startswith(".") \
-        and path.name != MANIFEST
+def _is_data_file(path: Path, root: Path) -> bool:
+    # Nothing under a hidden folder below the source (.ipynb_checkpoints holds older copies of shards).
+    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+    return path.is_file() and path.name.endswith(FILE_SUFFIXES) and not hidden and path.name != MANIFEST
 
 
 def _glob_root(source: str) -> tuple[Path, str]:
@@ -64,14 +65,14 @@ def input_files(source: str) -> list[Path]:
     path = Path(source).expanduser()
     if is_glob(source):
         root, pattern = _glob_root(source)
-        files = sorted(p for p in root.glob(pattern) if _is_data_file(p))
+        files = sorted(p for p in root.glob(pattern) if _is_data_file(p, root))
         if not files:
             raise DataPreparationError(f"data source {source!r} matches no {', '.join(FILE_SUFFIXES)} files")
         return files
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _is_data_file(p))
+        files = sorted(p for p in path.rglob("*") if _is_data_file(p, path))
         if not files:
             raise DataPreparationError(f"{path} holds no {', '.join(FILE_SUFFIXES)} files")
         return files
@@ -155,6 +156,9 @@ def _json_loads():
         return json.loads, (json.JSONDecodeError, UnicodeDecodeError)
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def iter_jsonl(path: Path, start: int = 0, end: int | None = None) -> Iterator[RawItem]:
     """Records of a JSON Lines file (optionally gzip), or of the byte range [start, end) of one.
 
@@ -173,6 +177,8 @@ def iter_jsonl(path: Path, start: int = 0, end: int | None = None) -> Iterator[R
                 if remaining <= 0:
                     break
                 remaining -= len(line)
+            if line_number == 1 and not start and line.startswith(_UTF8_BOM):
+                line = line[len(_UTF8_BOM):]  # json.loads reads through it, orjson refuses it
             if not line.strip():
                 continue
             location = f"{path}:{line_number}"
@@ -209,7 +215,7 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[RawItem]
     `json.load` holds the whole array in memory; this loop feeds the standard decoder one element at a time.)
     """
     decoder = json.JSONDecoder()
-    with path.open("r", encoding="utf-8") as handle:
+    with path.open("r", encoding="utf-8-sig") as handle:  # -sig: a leading BOM is not JSON
         buffer = handle.read(chunk_chars)
         eof = not buffer
         pos = _skip_ws(buffer, 0)

@@ -367,6 +367,14 @@ def is_binarized(data: Mapping) -> bool:
     return "chosen" in data and "rejected" in data and "completions" not in data
 
 
+def _not_single_turn(location: str, field: str, messages: list) -> MalformedRecordError:
+    roles = [m.get("role") if isinstance(m, Mapping) else type(m).__name__ for m in messages]
+    return MalformedRecordError(
+        location, field, f"a conversation with roles {roles}: only single-turn user -> assistant pairs are "
+        "supported (a system prompt or earlier turns would be lost)",
+    )
+
+
 def _response_text(value: Any, location: str, field: str) -> str:
     """The assistant response of a `chosen`/`rejected` value: a message list (last message) or a string."""
     if isinstance(value, str):
@@ -375,6 +383,11 @@ def _response_text(value: Any, location: str, field: str) -> str:
         last = value[-1]
         if last.get("role") != "assistant" or not isinstance(last.get("content"), str):
             raise MalformedRecordError(location, f"{field}[-1]", "expected an assistant message with content")
+        # A pair is (prompt, last answer): a system prompt or earlier turns would be dropped and the answer
+        # paired with the wrong context, so only [assistant] or [user, assistant] is accepted.
+        context = value[:-1]
+        if len(context) > 1 or (context and (not isinstance(context[0], Mapping) or context[0].get("role") != "user")):
+            raise _not_single_turn(location, field, value)
         return last["content"]
     raise MalformedRecordError(location, field, "expected a list of {role, content} messages or a string")
 
@@ -383,6 +396,12 @@ def _prompt_of(data: Mapping, location: str) -> str:
     prompt = data.get("prompt")
     if isinstance(prompt, str):
         return prompt
+    if isinstance(prompt, list) and prompt:  # TRL's conversational layout: the prompt's messages
+        first = prompt[0]
+        if len(prompt) > 1 or not isinstance(first, Mapping) or first.get("role") != "user":
+            raise _not_single_turn(location, "prompt", prompt)
+        if isinstance(first.get("content"), str):
+            return first["content"]
     chosen = data.get("chosen")
     if isinstance(chosen, list) and chosen and isinstance(chosen[0], Mapping) and chosen[0].get("role") == "user":
         content = chosen[0].get("content")
