@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/train_step.py --trainers ours ours-stacked trl    # also our stacked layout
     .venv/bin/python benchmarks/train_step.py --models smollm2-full --optimizer adamw_8bit   # both 8-bit AdamW
     .venv/bin/python benchmarks/train_step.py --models smollm2-lora smollm2-full --seq-lens 1024 --profile
+    .venv/bin/python benchmarks/train_step.py --trainers ours --ours-allocators tcmalloc system  # allocators
 
 Same model, same preference pairs, same batch size (2 pairs) and sequence length, gradient checkpointing on
 for both, fp32 on CPU (bf16 weights and autocast on CUDA), the same LoRA adapter (r 16, alpha 32, no
@@ -30,8 +31,9 @@ truncates a prompt (TRL never does; it truncates responses to max_length - promp
 Each (model, trainer, sequence length) runs twice, each time in its own subprocess, and both peaks are
 reported with their ratios:
 - "as users run it": each trainer in its default configuration, ours in the environment our launcher
-  gives its training process (`orpo.memory.training_environment`: glibc malloc thresholds; `orpo train`
-  and the flow's `accelerate launch` both use it), TRL with none. This run is also the one timed.
+  gives its training process (`orpo.memory.training_environment`: tcmalloc when installed, else glibc
+  malloc thresholds; `orpo train` and the flow's `accelerate launch` both use it), TRL with none. This
+  run is also the one timed. `--ours-allocators` runs ours once per allocator choice, side by side.
 - "live" (first `--memory-steps` steps): MALLOC_MMAP_THRESHOLD_=1048576, so RSS follows live memory
   instead of glibc's retained heap; that setting makes every large allocation a fresh mmap and slows CPU
   steps by up to half, which is why it does not time anything.
@@ -419,10 +421,10 @@ def peak_flops_for(device: str, override_tflops: float | None) -> float | None:
 
 def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None,
                *, steps: int, allocator: str, profile: bool = False) -> dict:
-    """One worker subprocess. allocator "user": as a user's machine runs the trainer (ours with the environment
-    our launcher gives its training process, TRL with none); "live": MALLOC_MMAP_THRESHOLD_=1 MB, so that RSS
-    follows live memory."""
-    from orpo.memory import USER_ALLOCATOR_KEYS, training_environment
+    """One worker subprocess. allocator "live": MALLOC_MMAP_THRESHOLD_=1 MB, so that RSS follows live memory;
+    otherwise as a user's machine runs the trainer: TRL with no allocator environment, ours with the one our
+    launcher gives its training process for ORPO_ALLOCATOR=`allocator` (orpo.memory)."""
+    from orpo.memory import ALLOCATOR_ENV, USER_ALLOCATOR_KEYS, training_environment
 
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     command = [sys.executable, __file__, "--worker", "--trainer", trainer, "--model", model,
@@ -434,14 +436,14 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
     if profile:
         command.append("--profile")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    for key in (*USER_ALLOCATOR_KEYS, "ORPO_TRAINING_ENV"):  # whatever this shell set, each run sets its own
+    for key in (*USER_ALLOCATOR_KEYS, "ORPO_TRAINING_ENV", ALLOCATOR_ENV):  # each run sets its own
         env.pop(key, None)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if allocator == "live":
         env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
-    elif trainer != "trl" and args.ours_env == "launcher":
-        env = training_environment(env)
+    elif trainer != "trl":
+        env = training_environment({**env, ALLOCATOR_ENV: allocator})
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not out.read_text():
@@ -451,13 +453,23 @@ def run_worker(args: argparse.Namespace, trainer: str, model: str, seq_len: int,
     return result
 
 
-def measure(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None) -> dict:
-    """Timing and the peak RSS as users run it from one run, live memory from a run with the 1 MB threshold."""
-    timing = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.steps, allocator="user",
+def measure(args: argparse.Namespace, trainer: str, model: str, seq_len: int, peak_flops: float | None,
+            allocator: str, live: dict[tuple, dict]) -> dict:
+    """Timing and the peak RSS as users run it from one run, live memory from a run with the 1 MB threshold
+    (one per trainer, model and length, kept in `live` for the other allocators)."""
+    from orpo.memory import allocator_settings
+
+    timing = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.steps, allocator=allocator,
                         profile=args.profile)
+    if trainer != "trl":
+        timing.update(allocator=allocator, allocator_env=allocator_settings(allocator))
     if "error" in timing or args.device == "cuda":  # CUDA memory is read from the allocator, not RSS
         return timing
-    memory = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.memory_steps, allocator="live")
+    key = (trainer, model, seq_len)
+    if key not in live:
+        live[key] = run_worker(args, trainer, model, seq_len, peak_flops, steps=args.memory_steps,
+                               allocator="live")
+    memory = live[key]
     if "error" in memory:
         return memory
     for key in ("baseline_rss_mb", "peak_rss_mb", "rss_increase_mb"):
@@ -465,7 +477,6 @@ def measure(args: argparse.Namespace, trainer: str, model: str, seq_len: int, pe
         timing[f"live_{key}"] = memory[key]
     timing["user_over_live_peak"] = timing["user_peak_rss_mb"] / timing["live_peak_rss_mb"]
     timing["memory_steps"] = args.memory_steps
-    timing["wall_s"] += memory["wall_s"]
     return timing
 
 
@@ -485,6 +496,15 @@ def ratios(ours: dict, trl: dict) -> dict:
     return out
 
 
+def label(result: dict) -> str:
+    """The trainer, and for ours the allocator it ran under (auto: what it resolved to)."""
+    if "allocator" not in result:
+        return result["trainer"]
+    env = result.get("allocator_env", {})
+    resolved = "tcmalloc" if "LD_PRELOAD" in env else "glibc thresholds" if env else "glibc defaults"
+    return f"{result['trainer']} ({resolved})"
+
+
 def print_table(results: list[dict], device: str) -> None:
     if device == "cpu":
         memory = "peak MB as users run it (increase) | live peak MB (increase) | users / live"
@@ -494,7 +514,7 @@ def print_table(results: list[dict], device: str) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | {r['seq_len']} | {r['trainer']} | error | | | | | | |")
+            print(f"| {r['model']} | {r['seq_len']} | {label(r)} | error | | | | | | |")
             continue
         if device == "cpu":
             mem = (f"{r['user_peak_rss_mb']:.0f} ({r['user_rss_increase_mb']:.0f}) | "
@@ -502,7 +522,7 @@ def print_table(results: list[dict], device: str) -> None:
         else:
             mem = f"{r['cuda_peak_mb']:.0f} ({r['cuda_increase_mb']:.0f}) | | "
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        print(f"| {r['model']} | {r['seq_len']} | {r['trainer']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
+        print(f"| {r['model']} | {r['seq_len']} | {label(r)} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{100 * r['padding_fraction']:.0f}% | {mem} | {mfu} |")
 
 
@@ -518,6 +538,8 @@ def print_profiles(results: list[dict]) -> None:
 
 
 def main() -> None:
+    from orpo.memory import ALLOCATOR_CHOICES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="seq 256 only, 3 steps (1 warm-up + 2 timed)")
@@ -529,9 +551,10 @@ def main() -> None:
                              "random: TRL's own random sampler (default TRL usage, more padding)")
     parser.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw",
                         help="for both trainers: torch AdamW, or bitsandbytes' 8-bit AdamW (TRL: adamw_bnb_8bit)")
-    parser.add_argument("--ours-env", choices=["launcher", "none"], default="launcher",
-                        help="our trainer's 'user' run: in the launcher's allocator environment (orpo.memory), as "
-                        "`orpo train` runs it, or in none (glibc defaults), to time what the environment costs")
+    parser.add_argument("--ours-allocators", nargs="+", choices=ALLOCATOR_CHOICES, default=["auto"],
+                        help="our trainer's runs as users run it, one per ORPO_ALLOCATOR value (orpo.memory): auto "
+                        "(the default: tcmalloc when installed, else glibc thresholds), tcmalloc, glibc-thresholds, "
+                        "system (glibc defaults); side by side, to time and size what each costs")
     parser.add_argument("--memory-steps", type=int, default=2,
                         help="steps of the separate memory run (CPU), warm-up included (default 2)")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, help="default 256 1024 (--quick: 256)")
@@ -565,20 +588,21 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     peak_flops = peak_flops_for(args.device, args.peak_tflops)
     load_before = os.getloadavg()
-    results, comparisons = [], []
+    results, comparisons, live = [], [], {}
     for seq_len in args.seq_lens:
         for model in args.models:
-            pair = {}
+            runs = []
             for trainer in args.trainers:
-                result = measure(args, trainer, model, seq_len, peak_flops)
-                results.append(result)
-                pair[trainer] = result
-                status = result.get("error", "").splitlines()[-1:] or [f"{result['s_per_step']:.2f} s/step"]
-                print(f"{model} seq {seq_len} {trainer}: {status[0]}", file=sys.stderr, flush=True)
-            for ours in (t for t in args.trainers if t != "trl"):
-                if "trl" in pair:
-                    comparisons.append({"model": model, "seq_len": seq_len, "trainer": ours,
-                                        **ratios(pair[ours], pair["trl"])})
+                for allocator in ["-"] if trainer == "trl" else args.ours_allocators:
+                    result = measure(args, trainer, model, seq_len, peak_flops, allocator, live)
+                    results.append(result)
+                    runs.append(result)
+                    status = result.get("error", "").splitlines()[-1:] or [f"{result['s_per_step']:.2f} s/step"]
+                    print(f"{model} seq {seq_len} {label(result)}: {status[0]}", file=sys.stderr, flush=True)
+            trl_run = next((r for r in runs if r["trainer"] == "trl"), None)
+            for ours in (r for r in runs if r["trainer"] != "trl" and trl_run is not None):
+                comparisons.append({"model": model, "seq_len": seq_len, "trainer": label(ours),
+                                    **ratios(ours, trl_run)})
     print_table(results, args.device)
     print_profiles(results)
     print("\n| model | seq | trainer | throughput vs TRL | peak as users run it vs TRL | live peak vs TRL "
@@ -600,8 +624,6 @@ def main() -> None:
     import transformers
     import trl
 
-    from orpo.memory import training_environment
-
     payload = {
         "device": args.device,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -616,8 +638,7 @@ def main() -> None:
                      "trainers": args.trainers, "trl_batches": args.trl_batches, "optimizer": args.optimizer,
                      "gradient_checkpointing": True, "orpo_lambda": ORPO_LAMBDA,
                      "live_run_malloc_mmap_threshold": LIVE_MMAP_THRESHOLD,
-                     "ours_launch_environment": ({k: v for k, v in training_environment({}).items()}
-                                                 if args.ours_env == "launcher" else {})},
+                     "ours_allocators": args.ours_allocators},
         "results": results,
         "comparisons": comparisons,
     }

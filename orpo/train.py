@@ -56,10 +56,23 @@ from orpo.checkpoints import (
 )
 from orpo.config import ConfigError, PipelineConfig, dump_config, load_config
 from orpo.errors import OrpoError, debug_enabled
-from orpo.handoffs import EXPORT_MARKER, METRICS_JSONL, TRAIN_RESULT, TrainResult, write_train_result  # noqa: F401
-from orpo.memory import release_free_memory
+from orpo.handoffs import (  # noqa: F401
+    EXPORT_MARKER,
+    METRICS_JSONL,
+    TRAIN_RESULT,
+    TrainResult,
+    write_train_result,
+)
+from orpo.memory import allocator_in_use, release_free_memory
 from orpo.pair_data import check_dataset, features, load_pair_data
-from orpo.train_metrics import SUM_KEYS, MetricsSink, batch_sums, metrics_from_sums, peak_memory_mb, pop_counts
+from orpo.train_metrics import (
+    SUM_KEYS,
+    MetricsSink,
+    batch_sums,
+    metrics_from_sums,
+    peak_memory_mb,
+    pop_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +148,8 @@ class ORPORecipe:
         from orpo.collate import make_collator
         from orpo.logprobs import shared_prompt_unsupported
         from orpo.loss import ORPOLoss
-        from orpo.selfcheck import SelfCheckSettings, run_self_check
         from orpo.model_setup import setup_lr_scheduler, setup_model, setup_optimizer
+        from orpo.selfcheck import SelfCheckSettings, run_self_check
 
         cfg = self.config.train
         # First the accelerator: it owns the process group, the device and mixed precision.
@@ -230,6 +243,8 @@ class ORPORecipe:
             self.output_dir / METRICS_JSONL, acc.is_main_process, self.config.resolved_tracking_uri()
         )
         self._resume()
+        log.debug("memory allocator: %s", allocator_in_use())
+        release_free_memory()  # what loading and the self-check freed, before the first step
 
     def _resume(self) -> None:
         """Load the newest intact checkpoint (the main process verifies and sets corrupt ones aside)."""
