@@ -130,7 +130,10 @@ class TrainConfig(_Section):
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(1e-8, gt=0.0)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes.")
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    max_grad_norm: float | None = Field(
+        1.0, gt=0.0, description="Clip gradients to this global norm; null: no clipping. Under DeepSpeed it "
+        "replaces the accelerate config's gradient_clipping.",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Compute dtype under autocast (weights and optimizer state stay float32): no on CPU; "
         "bf16 on modern GPUs.",
