@@ -65,8 +65,8 @@ class DataConfig(_Section):
     tokenizer: str | None = Field(
         None,
         description="Model spec whose tokenizer counts tokens for max_prompt_tokens / max_length (required with "
-        "them; nothing falls back to the model's). Counted with its own chat template, else the fallback "
-        "training uses; a model.chat_template override is not seen here.",
+        "them; nothing falls back to the model's). Counted with the chat template training renders: "
+        "model.chat_template when set, else the tokenizer's own, else the fallback.",
     )
     max_prompt_tokens: int | None = Field(None, gt=0, description="Drop pairs whose prompt is longer.")
     max_length: int | None = Field(None, gt=0, description="Drop pairs whose prompt+response is longer.")
