@@ -51,7 +51,10 @@ class DataConfig(_Section):
     source_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `source`.")
     recipe: Literal["h4", "argilla", "max-min"] = Field("argilla", description="How chosen/rejected are picked.")
     seed: int = Field(42, description="Seed for the random choice of rejected completions.")
-    test_size: float = Field(0.02, gt=0.0, lt=1.0, description="Share of prompts in the test split (by hash).")
+    test_size: float = Field(
+        0.02, gt=0.0, lt=1.0, description="Share of prompts in the test split (by hash). A hub source with its own "
+        "train/test split pair (train_prefs/test_prefs, or train/test) keeps that split instead.",
+    )
     decontaminate: bool = Field(True, description="Drop truthful_qa records and prompts overlapping eval prompts.")
     decontamination_files: list[str] = Field(
         default_factory=list,

@@ -541,3 +541,48 @@ def test_prefect_cache_key_and_directory_follow_model_chat_template(tmp_path):
         directory.mkdir(parents=True)
         (directory / "manifest.json").write_text("{}", encoding="utf-8")
     assert len({_dataset_cache_key(None, {"config": c}) for c in configs}) == 3
+
+
+@pytest.mark.parametrize(
+    ("hub_id", "train_name", "test_name"),
+    [
+        ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs"),
+        ("trl-lib/ultrafeedback_binarized", "train", "test"),
+        ("argilla/ultrafeedback-binarized-preferences-cleaned", "train", None),  # no test split: our hash splits
+    ],
+)
+def test_hub_sources_keep_their_own_train_test_split(tmp_path, monkeypatch, sample_dataset, hub_id, train_name,
+                                                     test_name):
+    """A hub dataset's public test prompts never land in training: a recognised train/test pair is kept (a
+    prompt in both stays in test), instead of re-splitting everything by a hash of prompt_id."""
+    import datasets
+    from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+
+    rows = concatenate_datasets([load_from_disk(str(sample_dataset[1].dataset_dir))[s] for s in ("train", "test")])
+    assert len(rows) >= 30
+    train_rows, test_rows = rows.select(range(20)), rows.select(range(20, 30))
+    if test_name is None:
+        splits = {train_name: rows}
+    else:
+        # One test prompt also in the train split; and an SFT split that is not read.
+        splits = {train_name: concatenate_datasets([train_rows, test_rows.select([0])]), test_name: test_rows,
+                  "train_sft": Dataset.from_list([{"prompt": "unused"}])}
+    saved = tmp_path / "saved"
+    DatasetDict(splits).save_to_disk(str(saved))
+    asked = []
+
+    def load_dataset(path, split=None, revision=None, streaming=False, **kwargs):
+        asked.append((path, revision, streaming))
+        on_disk = load_from_disk(str(saved))
+        return on_disk[split] if split else on_disk
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    prepared = prepare_dataset(config(hub_id, test_size=0.5, decontaminate=False), tmp_path / "out", progress=False)
+    assert set(asked) == {(hub_id, None, True)}
+    out = load_from_disk(str(prepared.dataset_dir))
+    ids = {split: sorted(out[split]["prompt_id"]) for split in ("train", "test")}
+    if test_name is None:
+        assert ids["test"] and sorted(ids["train"] + ids["test"]) == sorted(rows["prompt_id"])
+    else:
+        assert ids == {"train": sorted(train_rows["prompt_id"]), "test": sorted(test_rows["prompt_id"])}
+        assert manifest_of(prepared)["dropped"]["duplicate"] == 1

@@ -6,7 +6,8 @@
 
 One pass over the input, a batch of records at a time: read -> validate -> recipe -> decontaminate (these
 three in worker processes for large JSONL files, results taken back in input order) -> length limit ->
-dedupe -> split by a hash of prompt_id -> append to an Arrow file per split. Only a few batches are in
+dedupe -> split (the source's own train/test, `readers.SOURCE_SPLIT_PAIRS`, else by a hash of prompt_id) ->
+append to an Arrow file per split. Only a few batches are in
 memory at a time, so 64k raw records (about 1 GB of JSON) never sit in memory as Python objects.
 
 Every input record lands in exactly one place: the train split, the test split, or one drop reason of the
@@ -108,6 +109,9 @@ def _key_payload(cfg: DataConfig, input_fp: str, chat_template: str | None = Non
                 )
         options["decontamination_file_sha256"] = [file_sha256(p) for p in cfg.decontamination_files]
     payload = {"format": FORMAT_VERSION, "input": input_fp, "options": options}
+    if is_hub_id(cfg.source):
+        # Hub sources with a train/test pair keep it (they were re-split by hash): not the datasets made before.
+        payload["splits"] = "source-pairs"
     # model.chat_template changes what the length limits count (only then: no new key without limits or override).
     if chat_template and _limits_tokens(cfg):
         from orpo.chat_template import spec_digest
@@ -367,6 +371,7 @@ class Outcome:
     prebinarized: bool = False
     digest: bytes = b""  # pair_digest, computed where the pair is made (in the workers when there are any)
     dedupe_key: bytes = b""
+    split: str | None = None  # the source's split ("train"/"test"); None: by hash of prompt_id
 
 
 class RecordProcessor:
@@ -395,7 +400,7 @@ class RecordProcessor:
         return outcomes
 
     def _one(self, item: RawItem) -> Outcome:
-        outcome = Outcome(item.location, item.line)
+        outcome = Outcome(item.location, item.line, split=item.split)
         if item.error is not None:
             outcome.reason, (outcome.field, outcome.detail) = MALFORMED, item.error
             return outcome
@@ -527,7 +532,7 @@ class _Binarizer:
                     self._drop_example(outcome, DUPLICATE)
                     continue
                 self.seen.add(outcome.dedupe_key)
-            split = "test" if is_test(pair.prompt_id, self.cfg.test_size) else "train"
+            split = outcome.split or ("test" if is_test(pair.prompt_id, self.cfg.test_size) else "train")
             self.writers[split].add(pair, outcome.digest)
             self.tally.shard_pairs[shard] += 1
 
