@@ -98,20 +98,32 @@ def template_of(tokenizer) -> str:
     return getattr(tokenizer, "chat_template", None) or fallback_template(tokenizer)
 
 
-def apply_chat_template_config(tokenizer, spec: str | None, source: str = "the tokenizer"):
-    """Set `tokenizer.chat_template` from `model.chat_template` (`spec`), or the fallback when it has none.
+def training_template(tokenizer, spec: str | None) -> str:
+    """The template training renders with, given `model.chat_template` (`spec`): the named template (with the
+    tokenizer's BOS, like the fallback) or the file as written; without a spec, `template_of(tokenizer)`.
 
-    A named template gets the tokenizer's BOS like the fallback; a template file is used as written.
-    Returns the tokenizer.
+    Training (through `apply_chat_template_config`) and data preparation's length limits both call this.
     """
-    if spec:
-        template = load_named_or_file(spec)
-        if spec in NAMED_TEMPLATES:
-            template = with_tokenizer_bos(template, tokenizer)
-        if getattr(tokenizer, "chat_template", None) and tokenizer.chat_template != template:
-            log.info("using chat template %r instead of the one %s ships", spec, source)
-        tokenizer.chat_template = template
-    elif not getattr(tokenizer, "chat_template", None):
+    if not spec:
+        return template_of(tokenizer)
+    template = load_named_or_file(spec)
+    return with_tokenizer_bos(template, tokenizer) if spec in NAMED_TEMPLATES else template
+
+
+def spec_digest(spec: str) -> str:
+    """A hash of the template `spec` names (the file's content, not its path): changes when it is edited."""
+    import hashlib
+
+    return hashlib.sha256(load_named_or_file(spec).encode()).hexdigest()[:16]
+
+
+def apply_chat_template_config(tokenizer, spec: str | None, source: str = "the tokenizer"):
+    """Set `tokenizer.chat_template` to `training_template(tokenizer, spec)`. Returns the tokenizer."""
+    own = getattr(tokenizer, "chat_template", None)
+    template = training_template(tokenizer, spec)
+    if spec and own and own != template:
+        log.info("using chat template %r instead of the one %s ships", spec, source)
+    elif not spec and not own:
         log.info("%s has no chat template; using Zephyr-style turns closed by %s", source, tokenizer.eos_token)
-        tokenizer.chat_template = fallback_template(tokenizer)
+    tokenizer.chat_template = template
     return tokenizer

@@ -231,7 +231,9 @@ def _preflight(cfg) -> None:
 def _prepare(cfg):
     from orpo.data.binarize import default_dataset_dir, prepare_dataset
 
-    return prepare_dataset(cfg.data, default_dataset_dir(cfg.data, cfg.workdir))
+    template = cfg.model.chat_template  # the length limits count tokens as training renders them
+    return prepare_dataset(cfg.data, default_dataset_dir(cfg.data, cfg.workdir, chat_template=template),
+                           chat_template=template)
 
 
 @app.command("run")

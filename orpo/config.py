@@ -51,7 +51,10 @@ class DataConfig(_Section):
     source_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `source`.")
     recipe: Literal["h4", "argilla", "max-min"] = Field("argilla", description="How chosen/rejected are picked.")
     seed: int = Field(42, description="Seed for the random choice of rejected completions.")
-    test_size: float = Field(0.02, gt=0.0, lt=1.0, description="Share of prompts in the test split (by hash).")
+    test_size: float = Field(
+        0.02, gt=0.0, lt=1.0, description="Share of prompts in the test split (by hash). A hub source with its own "
+        "train/test split pair (train_prefs/test_prefs, or train/test) keeps that split instead.",
+    )
     decontaminate: bool = Field(True, description="Drop truthful_qa records and prompts overlapping eval prompts.")
     decontamination_files: list[str] = Field(
         default_factory=list,
@@ -65,8 +68,8 @@ class DataConfig(_Section):
     tokenizer: str | None = Field(
         None,
         description="Model spec whose tokenizer counts tokens for max_prompt_tokens / max_length (required with "
-        "them; nothing falls back to the model's). Counted with its own chat template, else the fallback "
-        "training uses; a model.chat_template override is not seen here.",
+        "them; nothing falls back to the model's). Counted with the chat template training renders: "
+        "model.chat_template when set, else the tokenizer's own, else the fallback.",
     )
     max_prompt_tokens: int | None = Field(None, gt=0, description="Drop pairs whose prompt is longer.")
     max_length: int | None = Field(None, gt=0, description="Drop pairs whose prompt+response is longer.")
@@ -130,7 +133,10 @@ class TrainConfig(_Section):
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(1e-8, gt=0.0)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes.")
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    max_grad_norm: float | None = Field(
+        1.0, gt=0.0, description="Clip gradients to this global norm; null: no clipping. Under DeepSpeed it "
+        "replaces the accelerate config's gradient_clipping.",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Compute dtype under autocast (weights and optimizer state stay float32): no on CPU; "
         "bf16 on modern GPUs.",

@@ -89,6 +89,26 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None, revision: str 
 # One probe of the hub before any work, instead of transformers' retries (5 tries, ~25 s, then a long
 # traceback) deep inside loading: seconds, and one message naming the id and the endpoint.
 HUB_PROBE_TIMEOUT_S = 5.0
+# The commit the pre-flight probe found, kept for `pin_model` so a run asks the hub once. Only this long: a
+# long-lived process (a served nightly flow) must ask again the next night, when the branch may have moved.
+PROBED_COMMIT_TTL_S = 600.0
+_probed_commits: dict[tuple[str, str | None], tuple[float, str | None]] = {}
+
+
+def _record_commit(repo_id: str, revision: str | None, commit: str | None) -> None:
+    _probed_commits[(repo_id, revision)] = (time.monotonic(), commit)
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of the Hugging Face cache's snapshot of `repo_id` at `revision` (its refs resolve a branch),
+    or None when no snapshot holds a config.json or adapter_config.json."""
+    import huggingface_hub
+
+    for name in ("config.json", "adapter_config.json"):
+        path = huggingface_hub.try_to_load_from_cache(repo_id, name, revision=revision)
+        if isinstance(path, str):
+            return Path(path).parent.name  # <cache>/models--owner--name/snapshots/<commit>/<name>
+    return None
 
 
 def check_model_available(spec: str, cache_dir: str | Path | None = None, revision: str | None = None,
@@ -103,11 +123,12 @@ def check_model_available(spec: str, cache_dir: str | Path | None = None, revisi
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    cached = any(isinstance(huggingface_hub.try_to_load_from_cache(spec, name, revision=revision), str)
-                 for name in ("config.json", "adapter_config.json"))
+    cached_commit = _cached_commit(spec, revision)
+    cached = cached_commit is not None
     where = f"model.name_or_path={spec!r}" + (f" (revision {revision})" if revision else "")
     if constants.is_offline_mode():
         if cached:
+            _record_commit(spec, revision, cached_commit)
             return resolved
         raise ModelResolutionError(
             f"{where} is not a local directory and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
@@ -115,7 +136,7 @@ def check_model_available(spec: str, cache_dir: str | Path | None = None, revisi
             "without HF_HUB_OFFLINE"
         )
     try:
-        huggingface_hub.model_info(spec, revision=revision, timeout=timeout_s)
+        info = huggingface_hub.model_info(spec, revision=revision, timeout=timeout_s)
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         problem, detail = "is not on", type(exc).__name__
     except HfHubHTTPError as exc:
@@ -125,15 +146,18 @@ def check_model_available(spec: str, cache_dir: str | Path | None = None, revisi
         if cached:
             log.warning("cannot reach %s (%s); using the cached copy of %s (set HF_HUB_OFFLINE=1 to skip the "
                         "hub)", constants.ENDPOINT, exc, spec)
+            _record_commit(spec, revision, cached_commit)
             return resolved
         raise ModelResolutionError(
             f"{where}: cannot reach the Hugging Face hub at {constants.ENDPOINT} within {timeout_s:.0f} s ({exc}) "
             "and there is no cached copy; check the network (or HF_ENDPOINT), or use a local directory"
         ) from None
     else:
+        _record_commit(spec, revision, info.sha)
         return resolved
     if cached:
         log.warning("%s %s %s (%s); using the cached copy", spec, problem, constants.ENDPOINT, detail)
+        _record_commit(spec, revision, cached_commit)
         return resolved
     raise ModelResolutionError(
         f"{where} {problem} the Hugging Face hub at {constants.ENDPOINT} ({detail}): check the id and revision; "
@@ -165,13 +189,26 @@ def pin_model(spec: str, cache_dir: str | Path | None = None, revision: str | No
 
 
 def _hub_commit(repo_id: str, revision: str | None) -> str | None:
-    try:
-        from huggingface_hub import HfApi
+    """The commit `revision` names: what `check_model_available` just found, else the hub's answer, else (no
+    hub) the cached snapshot's, so an offline night pins the same `@<sha>` as an online one."""
+    import huggingface_hub
+    from huggingface_hub import constants
 
-        return HfApi().model_info(repo_id, revision=revision).sha
-    except Exception as exc:  # noqa: BLE001 - offline: the id and revision as given still name it
-        log.warning("could not pin %s@%s to a commit (%s); recording the revision as given", repo_id, revision, exc)
-        return revision
+    probed_at, commit = _probed_commits.pop((repo_id, revision), (None, None))
+    if probed_at is not None and time.monotonic() - probed_at < PROBED_COMMIT_TTL_S and commit:
+        return commit
+    if not constants.is_offline_mode():
+        try:
+            commit = huggingface_hub.model_info(repo_id, revision=revision).sha
+            if commit:
+                return commit
+        except Exception as exc:  # noqa: BLE001 - unreachable: the cached snapshot (or the revision) names it
+            log.warning("could not ask the hub for the commit of %s@%s (%s)", repo_id, revision, exc)
+    commit = _cached_commit(repo_id, revision)
+    if commit is not None:
+        return commit
+    log.warning("could not pin %s@%s to a commit; recording the revision as given", repo_id, revision)
+    return revision
 
 
 def _content_stamp(directory: str) -> str:

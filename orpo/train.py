@@ -93,6 +93,21 @@ def default_output_dir(config: PipelineConfig, now: datetime | None = None) -> P
     return Path(config.workdir) / "train" / name
 
 
+def set_deepspeed_clipping(deepspeed_config: dict[str, Any], max_grad_norm: float | None) -> Any:
+    """Make DeepSpeed clip at `train.max_grad_norm` (None: 0.0, which DeepSpeed reads as no clipping).
+
+    Under DeepSpeed the engine clips inside its own step at `gradient_clipping`; accelerate's clip_grad_norm_
+    only reads the norm back. Returns the number the config file had when it differed (to log), else None.
+    """
+    wanted = float(max_grad_norm or 0.0)
+    before = deepspeed_config.get("gradient_clipping")
+    deepspeed_config["gradient_clipping"] = wanted
+    # "auto" would be filled by accelerate (with 1.0): ours is the value meant, nothing to report.
+    if before is None or before == "auto" or float(before) == wanted:
+        return None
+    return before
+
+
 # --------------------------------------------------------------------------------------------------------
 # The recipe
 # --------------------------------------------------------------------------------------------------------
@@ -216,7 +231,12 @@ class ORPORecipe:
 
         if acc.distributed_type == DistributedType.DEEPSPEED:
             # DeepSpeed wants the micro-batch size, which it would otherwise read from a prepared DataLoader.
-            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+            replaced = set_deepspeed_clipping(ds_config, cfg.max_grad_norm)
+            if replaced is not None and acc.is_main_process:
+                log.warning("the DeepSpeed config's gradient_clipping %s is replaced by train.max_grad_norm (%s)",
+                            replaced, ds_config["gradient_clipping"])
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # The scheduler is not prepared: accelerate would step it once per process. We step it once per
         # optimizer step ourselves, and checkpoint it as a registered object.

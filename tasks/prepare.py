@@ -31,7 +31,7 @@ class SeenShards:
 
 
 def dataset_dir_for(config: PipelineConfig, exclude_shards: list[str] | None = None) -> Path:
-    return default_dataset_dir(config.data, config.workdir, exclude_shards or ())
+    return default_dataset_dir(config.data, config.workdir, exclude_shards or (), config.model.chat_template)
 
 
 def _dataset_cache_key(context: TaskRunContext, parameters: dict) -> str:
@@ -47,7 +47,8 @@ def _dataset_cache_key(context: TaskRunContext, parameters: dict) -> str:
     # The directory is part of the key: a cached result must point at a dataset that exists, not at the same
     # data prepared under another (perhaps deleted) workdir.
     where = hashlib.sha256(str(directory).encode()).hexdigest()[:12]
-    return f"prepare-data-{dataset_key(config.data, exclude_shards=exclude)}-{where}"
+    key = dataset_key(config.data, exclude_shards=exclude, chat_template=config.model.chat_template)
+    return f"prepare-data-{key}-{where}"
 
 
 @task(name="shards-seen-by-start-model", retries=3, retry_delay_seconds=[5, 20, 60],
@@ -98,7 +99,7 @@ def prepare_data(config: PipelineConfig, exclude_shards: list[str] | None = None
     Shards whose content hash is in `exclude_shards` are left out (data.incremental).
     """
     prepared = prepare_dataset(config.data, dataset_dir_for(config, exclude_shards), progress=False,
-                               exclude_shards=exclude_shards or ())
+                               exclude_shards=exclude_shards or (), chat_template=config.model.chat_template)
     create_markdown_artifact(
         key="data-manifest", markdown=_manifest_markdown(prepared, config.data), description="Prepared dataset"
     )

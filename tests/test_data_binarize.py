@@ -471,3 +471,118 @@ def test_jsonl_export_of_unscored_pairs_is_json_and_reads_back(tmp_path):
     assert {row["prompt"]: row["score_chosen"] for row in strict} == {"Capital of Peru?": None, "2+2?": 9.0}
     again = prepare_dataset(config(exported, test_size=0.01), tmp_path / "again", progress=False)
     assert again.fingerprint == prepared.fingerprint
+
+
+VERBOSE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '[' + message['role'] + '] Read the whole message carefully before you answer it. ' + message['content'] }}"
+    "{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}"
+)
+
+
+def test_model_chat_template_is_what_the_length_limits_count_and_part_of_the_key(tmp_path, tiny_tokenizer):
+    """model.chat_template (a Jinja file here, much longer than the tokenizer's own ChatML) is what training
+    renders: the length filter counts with it, and the dataset's key and tokenizer identity follow it."""
+    import copy
+
+    from datasets import load_from_disk
+
+    from orpo.chat_template import apply_chat_template_config
+    from orpo.collate import tokenize_pair
+    from orpo.data.binarize import default_dataset_dir
+
+    source = write_jsonl(tmp_path / "in.jsonl", sample_records()[:40])
+    template_file = tmp_path / "verbose.jinja"
+    template_file.write_text(VERBOSE_TEMPLATE, encoding="utf-8")
+    trained_tokenizer = apply_chat_template_config(copy.deepcopy(tiny_tokenizer), str(template_file))
+    unlimited = prepare_dataset(config(source, decontaminate=False), tmp_path / "all", progress=False)
+    rows = [row for split in ("train", "test") for row in load_from_disk(str(unlimited.dataset_dir))[split]]
+    trained_prompt = [tokenize_pair(row, trained_tokenizer, max_length=100_000, max_prompt_length=99_999)
+                      ["prompt_length"] for row in rows]
+    limit = sorted(trained_prompt)[len(trained_prompt) // 2]
+    cfg = config(source, max_prompt_tokens=limit, decontaminate=False)
+
+    own = prepare_dataset(cfg, tmp_path / "own", tokenizer=tiny_tokenizer, progress=False)
+    overridden = prepare_dataset(cfg, tmp_path / "override", tokenizer=tiny_tokenizer, progress=False,
+                                 chat_template=str(template_file))
+    kept = overridden.counts["train"] + overridden.counts["test"]
+    assert kept == sum(length <= limit for length in trained_prompt)  # exactly the pairs training sees as fitting
+    assert kept < own.counts["train"] + own.counts["test"]
+    assert manifest_of(overridden)["tokenizer"] != manifest_of(own)["tokenizer"]
+    assert tiny_tokenizer.chat_template != VERBOSE_TEMPLATE  # the caller's tokenizer is left as it was
+
+    key = dataset_key(cfg, chat_template=str(template_file))
+    assert key != dataset_key(cfg) and manifest_of(overridden)["dataset_key"] == key
+    assert default_dataset_dir(cfg, tmp_path, chat_template=str(template_file)).name == key
+    assert dataset_key(cfg, chat_template="zephyr") not in (key, dataset_key(cfg))
+    template_file.write_text(VERBOSE_TEMPLATE.replace("carefully", "slowly"), encoding="utf-8")
+    assert dataset_key(cfg, chat_template=str(template_file)) != key  # the file's content, not its path
+    # Without length limits the template changes nothing in the data: the key stays.
+    no_limits = config(source, decontaminate=False)
+    assert dataset_key(no_limits, chat_template=str(template_file)) == dataset_key(no_limits)
+
+
+def test_prefect_cache_key_and_directory_follow_model_chat_template(tmp_path):
+    from orpo.config import PipelineConfig
+    from tasks.prepare import _dataset_cache_key, dataset_dir_for
+
+    def pipeline(template):
+        return PipelineConfig.model_validate({
+            "workdir": str(tmp_path),
+            "data": {"source": str(SAMPLE), "decontaminate": False, "max_length": 256, "tokenizer": "builtin:tiny-llama"},
+            "model": {"chat_template": template},
+        })
+
+    configs = [pipeline(None), pipeline("zephyr"), pipeline("chatml")]
+    directories = [dataset_dir_for(c) for c in configs]
+    assert len(set(directories)) == 3
+    for directory in directories:  # the cache key is only stable while its dataset is on disk
+        directory.mkdir(parents=True)
+        (directory / "manifest.json").write_text("{}", encoding="utf-8")
+    assert len({_dataset_cache_key(None, {"config": c}) for c in configs}) == 3
+
+
+@pytest.mark.parametrize(
+    ("hub_id", "train_name", "test_name"),
+    [
+        ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs", "test_prefs"),
+        ("trl-lib/ultrafeedback_binarized", "train", "test"),
+        ("argilla/ultrafeedback-binarized-preferences-cleaned", "train", None),  # no test split: our hash splits
+    ],
+)
+def test_hub_sources_keep_their_own_train_test_split(tmp_path, monkeypatch, sample_dataset, hub_id, train_name,
+                                                     test_name):
+    """A hub dataset's public test prompts never land in training: a recognised train/test pair is kept (a
+    prompt in both stays in test), instead of re-splitting everything by a hash of prompt_id."""
+    import datasets
+    from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+
+    rows = concatenate_datasets([load_from_disk(str(sample_dataset[1].dataset_dir))[s] for s in ("train", "test")])
+    assert len(rows) >= 30
+    train_rows, test_rows = rows.select(range(20)), rows.select(range(20, 30))
+    if test_name is None:
+        splits = {train_name: rows}
+    else:
+        # One test prompt also in the train split; and an SFT split that is not read.
+        splits = {train_name: concatenate_datasets([train_rows, test_rows.select([0])]), test_name: test_rows,
+                  "train_sft": Dataset.from_list([{"prompt": "unused"}])}
+    saved = tmp_path / "saved"
+    DatasetDict(splits).save_to_disk(str(saved))
+    asked = []
+
+    def load_dataset(path, split=None, revision=None, streaming=False, **kwargs):
+        asked.append((path, revision, streaming))
+        on_disk = load_from_disk(str(saved))
+        return on_disk[split] if split else on_disk
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    prepared = prepare_dataset(config(hub_id, test_size=0.5, decontaminate=False), tmp_path / "out", progress=False)
+    assert set(asked) == {(hub_id, None, True)}
+    out = load_from_disk(str(prepared.dataset_dir))
+    ids = {split: sorted(out[split]["prompt_id"]) for split in ("train", "test")}
+    if test_name is None:
+        assert ids["test"] and sorted(ids["train"] + ids["test"]) == sorted(rows["prompt_id"])
+    else:
+        assert ids == {"train": sorted(train_rows["prompt_id"]), "test": sorted(test_rows["prompt_id"])}
+        assert manifest_of(prepared)["dropped"]["duplicate"] == 1

@@ -92,3 +92,77 @@ def test_loading_refuses_pickle_weights(tmp_path, tiny_model_and_tokenizer):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # what an old or untrusted checkpoint holds
     with pytest.raises(OSError):
         load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path)))
+
+
+# --- hub ids: one lookup per run, and the same pinned commit with or without the hub ---------------------
+
+HUB_ID = "example-org/example-model"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """`huggingface_hub.model_info` counted (answering SHA, or raising `hub.error`), an empty HF cache."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = []
+
+    class Hub:
+        error: Exception | None = None
+        offline = False
+        cache = tmp_path / "hf-cache"
+
+        @staticmethod
+        def cache_snapshot(commit: str) -> None:
+            repo = Hub.cache / f"models--{HUB_ID.replace('/', '--')}"
+            (repo / "snapshots" / commit).mkdir(parents=True)
+            (repo / "snapshots" / commit / "config.json").write_text("{}")
+            (repo / "refs").mkdir()
+            (repo / "refs" / "main").write_text(commit)
+
+    def model_info(repo_id, revision=None, **kwargs):
+        calls.append((repo_id, revision))
+        if Hub.error is not None:
+            raise Hub.error
+        return type("Info", (), {"sha": SHA})()
+
+    Hub.calls = calls
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: Hub.offline)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(Hub.cache))
+    return Hub
+
+
+def test_preflight_and_pin_ask_the_hub_once(hub, tmp_path):
+    from orpo.models import check_model_available, pin_model
+
+    check_model_available(HUB_ID, tmp_path)
+    pinned = pin_model(HUB_ID, tmp_path)
+    assert len(hub.calls) == 1
+    assert (pinned.revision, pinned.identity) == (SHA, f"{HUB_ID}@{SHA}")
+    # The probe's answer serves one pin: a later pin (the next night, in a served flow) asks again.
+    pin_model(HUB_ID, tmp_path)
+    assert len(hub.calls) == 2
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_without_the_hub_a_cached_model_pins_its_snapshot_commit(hub, tmp_path, offline):
+    from orpo.models import check_model_available, pin_model
+
+    cached = "fedcba9876543210fedcba9876543210fedcba98"
+    hub.cache_snapshot(cached)
+    hub.offline = offline
+    hub.error = None if offline else ConnectionError("connection refused")
+    check_model_available(HUB_ID, tmp_path)
+    assert pin_model(HUB_ID, tmp_path).identity == f"{HUB_ID}@{cached}"  # not @main: no retrain the next night
+    assert pin_model(HUB_ID, tmp_path).identity == f"{HUB_ID}@{cached}"  # without the pre-flight too
+    assert len(hub.calls) == (0 if offline else 2)
+
+
+def test_unreachable_hub_without_a_cached_copy_still_fails_clearly(hub, tmp_path):
+    from orpo.models import check_model_available
+
+    hub.error = ConnectionError("connection refused")
+    with pytest.raises(ModelResolutionError, match="cannot reach the Hugging Face hub .* no cached copy"):
+        check_model_available(HUB_ID, tmp_path)

@@ -72,7 +72,8 @@ def study_meta(config: PipelineConfig, study: str, *, quick: bool, fingerprint: 
     from orpo.ablation.arms import study_model_name
     from orpo.data.binarize import default_dataset_dir
 
-    manifest = default_dataset_dir(config.data, config.workdir) / "manifest.json"
+    dataset_dir = default_dataset_dir(config.data, config.workdir, chat_template=config.model.chat_template)
+    manifest = dataset_dir / "manifest.json"
     if not fingerprint and manifest.is_file():
         prepared = json.loads(manifest.read_text(encoding="utf-8"))
         fingerprint, counts = prepared.get("fingerprint", ""), counts or prepared.get("counts")

@@ -6,7 +6,8 @@
 
 One pass over the input, a batch of records at a time: read -> validate -> recipe -> decontaminate (these
 three in worker processes for large JSONL files, results taken back in input order) -> length limit ->
-dedupe -> split by a hash of prompt_id -> append to an Arrow file per split. Only a few batches are in
+dedupe -> split (the source's own train/test, `readers.SOURCE_SPLIT_PAIRS`, else by a hash of prompt_id) ->
+append to an Arrow file per split. Only a few batches are in
 memory at a time, so 64k raw records (about 1 GB of JSON) never sit in memory as Python objects.
 
 Every input record lands in exactly one place: the train split, the test split, or one drop reason of the
@@ -96,7 +97,7 @@ PARALLEL_MIN_BYTES = 64 << 20
 # Fingerprints and keys
 
 
-def _key_payload(cfg: DataConfig, input_fp: str) -> dict[str, Any]:
+def _key_payload(cfg: DataConfig, input_fp: str, chat_template: str | None = None) -> dict[str, Any]:
     # `incremental` selects shards; which shards were read is in the input fingerprint already.
     options = cfg.model_dump(mode="json", exclude={"source", "output_dir", "incremental"})
     if cfg.decontaminate:
@@ -107,25 +108,47 @@ def _key_payload(cfg: DataConfig, input_fp: str) -> dict[str, Any]:
                     "json (data.decontamination_files / --decontamination-file), or turn decontamination off"
                 )
         options["decontamination_file_sha256"] = [file_sha256(p) for p in cfg.decontamination_files]
-    return {"format": FORMAT_VERSION, "input": input_fp, "options": options}
+    payload = {"format": FORMAT_VERSION, "input": input_fp, "options": options}
+    if is_hub_id(cfg.source):
+        # Hub sources with a train/test pair keep it (they were re-split by hash): not the datasets made before.
+        payload["splits"] = "source-pairs"
+    # model.chat_template changes what the length limits count (only then: no new key without limits or override).
+    if chat_template and _limits_tokens(cfg):
+        from orpo.chat_template import spec_digest
+
+        payload["chat_template"] = spec_digest(chat_template)
+    return payload
 
 
-def default_dataset_dir(cfg: DataConfig, workdir: str | Path, exclude_shards: Iterable[str] = ()) -> Path:
+def _limits_tokens(cfg: DataConfig) -> bool:
+    return cfg.max_prompt_tokens is not None or cfg.max_length is not None
+
+
+def default_dataset_dir(
+    cfg: DataConfig, workdir: str | Path, exclude_shards: Iterable[str] = (), chat_template: str | None = None
+) -> Path:
     """Where a config's dataset lives: `data.output_dir`, else `<workdir>/data/<dataset_key>`."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
-    return Path(workdir) / "data" / dataset_key(cfg, exclude_shards=exclude_shards)
+    return Path(workdir) / "data" / dataset_key(cfg, exclude_shards=exclude_shards, chat_template=chat_template)
 
 
-def dataset_key(cfg: DataConfig, *, input_fp: str | None = None, exclude_shards: Iterable[str] = ()) -> str:
-    """Hash of (input fingerprint, recipe, every option, seed, evaluation files): the dataset's directory name.
+def dataset_key(
+    cfg: DataConfig,
+    *,
+    input_fp: str | None = None,
+    exclude_shards: Iterable[str] = (),
+    chat_template: str | None = None,
+) -> str:
+    """Hash of (input fingerprint, recipe, every option, seed, evaluation files, and `model.chat_template` when
+    the length limits count tokens with it): the dataset's directory name.
 
     The source path itself and the output directory are left out: the same bytes under another name, or
     written elsewhere, make the same dataset. Shards left out (by content hash) are not part of the input.
     """
     if input_fp is None:
         input_fp = input_fingerprint(cfg, select_shards(cfg, exclude_shards)[0] if not is_hub_id(cfg.source) else None)
-    payload = _key_payload(cfg, input_fp)
+    payload = _key_payload(cfg, input_fp, chat_template)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -268,6 +291,7 @@ class LengthLimit:
     tokenizer: Any
     max_prompt_tokens: int | None
     max_length: int | None
+    template: str | None = None  # orpo.chat_template.training_template; None: the tokenizer's own (or fallback)
 
     def too_long(self, pairs: list[Pair]) -> list[bool]:
         if not pairs:
@@ -289,23 +313,24 @@ class LengthLimit:
         return flags
 
     def _render(self, conversations: list[list[dict[str, str]]], generation_prompt: bool = False) -> list[str]:
-        # The template training renders with (orpo.collate): a tokenizer without one gets the fallback's
-        # role tags and EOS-closed turns, which count against the limits too.
+        # The template training renders with (orpo.collate): model.chat_template when set; a tokenizer without
+        # one gets the fallback's role tags and EOS-closed turns, which count against the limits too.
         from orpo.chat_template import template_of
 
         return self.tokenizer.apply_chat_template(
             conversations, tokenize=False, add_generation_prompt=generation_prompt,
-            chat_template=template_of(self.tokenizer),
+            chat_template=self.template or template_of(self.tokenizer),
         )
 
 
-def tokenizer_identity(tokenizer: Any) -> str:
-    """Name + a hash of the vocabulary and merges and of the chat template the lengths are counted with, so
-    a different tokenizer or template makes a different dataset."""
+def tokenizer_identity(tokenizer: Any, template: str | None = None) -> str:
+    """Name + a hash of the vocabulary and merges and of the chat template the lengths are counted with
+    (`template`, else the tokenizer's own or the fallback), so a different tokenizer or template makes a
+    different dataset."""
     from orpo.chat_template import template_of
 
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    template = hashlib.sha256(template_of(tokenizer).encode()).hexdigest()[:16]
+    template = hashlib.sha256((template or template_of(tokenizer)).encode()).hexdigest()[:16]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return f"{name}#{hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]}#template-{template}"
@@ -346,6 +371,7 @@ class Outcome:
     prebinarized: bool = False
     digest: bytes = b""  # pair_digest, computed where the pair is made (in the workers when there are any)
     dedupe_key: bytes = b""
+    split: str | None = None  # the source's split ("train"/"test"); None: by hash of prompt_id
 
 
 class RecordProcessor:
@@ -374,7 +400,7 @@ class RecordProcessor:
         return outcomes
 
     def _one(self, item: RawItem) -> Outcome:
-        outcome = Outcome(item.location, item.line)
+        outcome = Outcome(item.location, item.line, split=item.split)
         if item.error is not None:
             outcome.reason, (outcome.field, outcome.detail) = MALFORMED, item.error
             return outcome
@@ -506,7 +532,7 @@ class _Binarizer:
                     self._drop_example(outcome, DUPLICATE)
                     continue
                 self.seen.add(outcome.dedupe_key)
-            split = "test" if is_test(pair.prompt_id, self.cfg.test_size) else "train"
+            split = outcome.split or ("test" if is_test(pair.prompt_id, self.cfg.test_size) else "train")
             self.writers[split].add(pair, outcome.digest)
             self.tally.shard_pairs[shard] += 1
 
@@ -654,6 +680,7 @@ def prepare_dataset(
     workers: int | None = None,
     allow_empty: bool = False,
     exclude_shards: Iterable[str] = (),
+    chat_template: str | None = None,
 ) -> PreparedDataset:
     """Binarize `cfg.source` into `out_dir` (a DatasetDict + manifest.json), or reuse it if already there.
 
@@ -663,7 +690,8 @@ def prepare_dataset(
     (default: the CPUs available, at most 4, or $ORPO_DATA_WORKERS; 1 = all in this process); the
     output does not depend on it. Shards whose content hash is in `exclude_shards` are left out (listed
     in the manifest as excluded). No pairs at all is an error naming the drop reasons, unless `allow_empty`;
-    on any error nothing is left behind.
+    on any error nothing is left behind. `chat_template` is `model.chat_template`: the length limits count
+    tokens with the template training will render (`orpo.chat_template.training_template`).
     """
     out_dir = Path(out_dir)
     shards, excluded = select_shards(cfg, exclude_shards)
@@ -672,14 +700,19 @@ def prepare_dataset(
             f"every shard of {cfg.source} ({len(excluded)}) was seen before; no new data to prepare"
         )
     input_fp = input_fingerprint(cfg, shards if not is_hub_id(cfg.source) else None)
-    key = dataset_key(cfg, input_fp=input_fp)
+    key = dataset_key(cfg, input_fp=input_fp, chat_template=chat_template)
     tokenizer = _resolve_tokenizer(cfg, tokenizer)
-    tokenizer_id = tokenizer_identity(tokenizer) if tokenizer is not None else None
+    length_limit = None
+    if tokenizer is not None:
+        from orpo.chat_template import training_template
+
+        template = training_template(tokenizer, chat_template)
+        length_limit = LengthLimit(tokenizer, cfg.max_prompt_tokens, cfg.max_length, template)
+    tokenizer_id = tokenizer_identity(tokenizer, length_limit.template) if length_limit is not None else None
     existing = reusable(out_dir, key, tokenizer_id)
     if existing is not None:
         log.info("reusing %s (same input and options, key %s)", out_dir, key)
         return existing
-    length_limit = LengthLimit(tokenizer, cfg.max_prompt_tokens, cfg.max_length) if tokenizer is not None else None
     # The directories this call creates, outermost last: a failed build removes them again (when empty).
     created = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -53,8 +53,8 @@ def _group() -> None:
 
 
 def _data_config(config: Path | None, overrides: dict[str, Any]):
-    """(data config, workdir): the config file's data section (or the defaults) with the flags that were
-    given applied, validated; and where datasets go by default."""
+    """(data config, workdir, model.chat_template): the config file's data section (or the defaults) with the
+    flags that were given applied, validated; where datasets go by default; the template training renders."""
     from pydantic import ValidationError
 
     from orpo.config import DataConfig, load_config
@@ -63,7 +63,8 @@ def _data_config(config: Path | None, overrides: dict[str, Any]):
     base = pipeline.data if pipeline is not None else DataConfig()
     merged = {**base.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
     try:
-        return DataConfig.model_validate(merged), Path(pipeline.workdir if pipeline is not None else "runs")
+        return (DataConfig.model_validate(merged), Path(pipeline.workdir if pipeline is not None else "runs"),
+                pipeline.model.chat_template if pipeline is not None else None)
     except ValidationError as exc:
         for item in exc.errors():
             key = ".".join(str(part) for part in item["loc"])
@@ -127,9 +128,9 @@ def binarize(
     """Binarize preference data into a DatasetDict (train/test) + manifest.json."""
     import json
 
-    from orpo.data.binarize import dataset_key, prepare_dataset
+    from orpo.data.binarize import default_dataset_dir, prepare_dataset
 
-    cfg, workdir = _data_config(
+    cfg, workdir, chat_template = _data_config(
         config,
         {
             "source": source,
@@ -148,9 +149,9 @@ def binarize(
             "output_dir": str(out) if out else None,
         },
     )
-    target = Path(cfg.output_dir) if cfg.output_dir else workdir / "data" / dataset_key(cfg)
+    target = default_dataset_dir(cfg, workdir, chat_template=chat_template)
     # its errors are OrpoErrors: OrpoGroup prints them
-    prepared = prepare_dataset(cfg, target, progress=progress, allow_empty=allow_empty)
+    prepared = prepare_dataset(cfg, target, progress=progress, allow_empty=allow_empty, chat_template=chat_template)
     manifest = json.loads(prepared.manifest_path.read_text(encoding="utf-8"))
     console.print(_summary(prepared, manifest))
     console.print(f"fingerprint {prepared.fingerprint}", style="dim", highlight=False)

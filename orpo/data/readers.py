@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,12 +23,11 @@ log = logging.getLogger(__name__)
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 GLOB_CHARS = "*?["
 
-# Hub datasets and the splits that hold their records (the binarized ones are re-split by our hash).
-HUB_SPLITS = {
-    "openbmb/UltraFeedback": ("train",),
-    "HuggingFaceH4/ultrafeedback_binarized": ("train_prefs", "test_prefs"),
-    "argilla/ultrafeedback-binarized-preferences-cleaned": ("train",),
-}
+# The (train, test) split names a hub dataset may ship, first match wins. A source with one of these pairs
+# keeps its own split: HuggingFaceH4/ultrafeedback_binarized's test_prefs are public test prompts, and a hash
+# re-split would train on some of them. Any other source (openbmb/UltraFeedback, the argilla set: only
+# "train") has its "train" split divided by our hash of prompt_id (data.test_size).
+SOURCE_SPLIT_PAIRS = (("train_prefs", "test_prefs"), ("train", "test"))
 
 
 class DataPreparationError(OrpoError, RuntimeError):
@@ -145,6 +144,7 @@ class RawItem:
     data: Any
     error: tuple[str, str] | None  # (field, problem) when the record is not even valid JSON
     nbytes: int
+    split: str | None = None  # "train"/"test" when the source's own split decides; None: our hash does
 
 
 def _json_loads():
@@ -299,20 +299,37 @@ def iter_file(path: Path) -> Iterator[RawItem]:
     raise DataPreparationError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
 
 
+def splits_to_read(source: str, available: Iterable[str]) -> list[tuple[str, str | None]]:
+    """(source split, the split its records go to: "train"/"test", or None for our hash) for each split read.
+
+    A recognised pair (`SOURCE_SPLIT_PAIRS`) is read test first, so deduplication keeps a prompt found in both
+    in the test split; otherwise "train" alone, re-split by hash.
+    """
+    names = set(available)
+    for train, test in SOURCE_SPLIT_PAIRS:
+        if train in names and test in names:
+            return [(test, "test"), (train, "train")]
+    if "train" in names:
+        return [("train", None)]
+    raise DataPreparationError(
+        f"hub dataset {source!r} has no 'train' split (it has {', '.join(sorted(names)) or 'none'}); use a dataset "
+        f"with 'train' or a train/test pair ({', '.join('/'.join(pair) for pair in SOURCE_SPLIT_PAIRS)})"
+    )
+
+
 def iter_hub(source: str, revision: str | None) -> Iterator[RawItem]:
-    """Stream a hub dataset's records (never materialized whole)."""
+    """Stream a hub dataset's records (never materialized whole), from the splits `splits_to_read` picks."""
     from datasets import load_dataset
 
-    for split in HUB_SPLITS.get(source, ("train",)):
-        try:
-            stream = load_dataset(source, split=split, revision=revision, streaming=True)
-        except Exception as exc:  # re-raised with what was tried
-            raise DataPreparationError(
-                f"data source {source!r} is not a local file or directory, and loading it as a hub dataset "
-                f"(split {split!r}) failed: {exc}"
-            ) from exc
-        for index, data in enumerate(stream):
-            yield RawItem(f"{source}@{revision or 'main'} [{split} {index}]", 0, data, None, 0)
+    try:
+        splits = load_dataset(source, revision=revision, streaming=True)  # every split, none read yet
+    except Exception as exc:  # re-raised with what was tried
+        raise DataPreparationError(
+            f"data source {source!r} is not a local file or directory, and loading it as a hub dataset failed: {exc}"
+        ) from exc
+    for name, target in splits_to_read(source, splits.keys()):
+        for index, data in enumerate(splits[name]):
+            yield RawItem(f"{source}@{revision or 'main'} [{name} {index}]", 0, data, None, 0, target)
 
 
 def _total_bytes(cfg: DataConfig, shards: list[Shard]) -> int | None:
