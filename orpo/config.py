@@ -198,6 +198,7 @@ class GateConfig(_Section):
     judged outputs, paired MT-Bench scores, paired preference accuracy), each difference with a confidence
     interval; it is promoted only when the primary metric's interval lies above `margin` and no other gated
     metric is significantly worse. threshold: the older point-estimate rules (the `min_`/`max_` keys).
+    With no champion yet, the start model's evaluation stands in for the champion (`first_version`).
     """
 
     mode: Literal["head_to_head", "threshold"] = Field(
@@ -232,6 +233,13 @@ class GateConfig(_Section):
     )
     require_metrics: bool = Field(
         False, description="Refuse promotion when a gated metric is missing on either side (either mode)."
+    )
+    first_version: Literal["beat_start_model", "promote"] = Field(
+        "beat_start_model",
+        description="With no champion yet: beat_start_model gates the version against the model it was trained "
+        "from, by the same rules as against a champion (needs orchestration.evaluate_base_model: true, or "
+        "`orpo gate --start-report DIR`; without that evaluation the version stays challenger); promote: the "
+        "first version becomes champion without any comparison.",
     )
 
     @model_validator(mode="after")

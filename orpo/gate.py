@@ -17,11 +17,16 @@ Two modes (`registry.gate.mode`):
   A judge-based number is compared only with the champion's number of the same protocol (its name's prefix:
   `alpaca_local_judge/win_rate` with `alpaca_local_judge/win_rate`, never with `alpaca_eval2/win_rate`).
 
-With no champion, the first version that passes (it has the required metrics, when they are required)
-becomes champion. `promote` is the MLflow side: it reads both versions' evaluation files from their runs,
-decides, moves the `champion` alias when the challenger passes (not in a dry run), and records the decision
-with every difference, interval, n, test and seed on the challenger's version (tags, description, and a
-`gate/` folder of its run with decision.json, the annotations and the chart).
+With no champion yet (`registry.gate.first_version`): `beat_start_model` (default) compares the first version
+with the start model, the model it was trained from, by exactly the same rules, the start model's evaluation
+directory (`start_report_dir`: the pipeline's `orchestration.evaluate_base_model`, `orpo gate --start-report`)
+standing in for the champion's; without that evaluation the version stays challenger, with a reason saying
+what to do. `promote` makes the first version that has the required metrics (when they are required)
+champion without any comparison. `promote` (the function) is the MLflow side: it reads both sides'
+evaluation files, decides, moves the `champion` alias when the challenger passes (not in a dry run), and
+records the decision with its opponent and every difference, interval, n, test and seed on the challenger's
+version (tags, description, and a `gate/` folder of its run with decision.json, the annotations and the
+chart).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ _TOLERANCE = 1e-9
 TAG_DECISION = "gate.decision"
 TAG_REASON = "gate.reason"
 TAG_AGAINST = "gate.champion_version"
+TAG_OPPONENT = "gate.opponent"  # what the challenger was compared with: "champion vN" or "start model <ref>"
 TAG_COMPARED = "gate.compared"
 TAG_MODE = "gate.mode"
 # Run artifact folders: what `orpo.registry.log_evaluation` logs, and what the gate adds.
@@ -73,6 +79,9 @@ TAG_DIFFERENCE_PREFIX = "gate.diff."
 PROMOTED = "promoted"
 KEPT = "kept"
 NO_DIFFERENCE = "no significant difference"
+START_MODEL = "start model"
+# Lineage tags naming the model a version was trained from (orpo.run_identity, orpo.registry), pinned first.
+_START_MODEL_TAGS = ("run_inputs.start_model", "base_model")
 # MLflow caps tag values (5000 characters on some stores); JSON past this is cut down, never truncated.
 _MAX_TAG = 4000
 _MAX_DESCRIPTION = 5000  # the model_versions.description column of MLflow's SQL stores
@@ -93,10 +102,18 @@ class GateDecision:
     outcome: str = ""
     mode: str = "threshold"
     chart: str | None = None
+    # What the challenger was compared with, in words: "champion v3", "start model builtin:tiny-llama";
+    # None when nothing was (a first version promoted unchecked, `first_version: promote`).
+    opponent: str | None = None
 
     @property
     def label(self) -> str:
         return self.outcome or ("promoted" if self.promoted else "rejected")
+
+    @property
+    def against(self) -> str:
+        """The opponent's role: "start model" for a first version gated against it, else "champion"."""
+        return START_MODEL if self.champion_version is None and self.opponent else "champion"
 
 
 @dataclass(frozen=True)
@@ -107,14 +124,14 @@ class _Rule:
     text: str
 
 
-def _rules(gate: GateConfig) -> list[_Rule]:
+def _rules(gate: GateConfig, against: str = "champion") -> list[_Rule]:
     return [
-        _Rule(MT_BENCH_SCORE, gate.min_mt_bench_delta, f"challenger >= champion + {gate.min_mt_bench_delta:g}"),
-        _Rule(ALPACA_WIN_RATE, -gate.max_win_rate_drop, f"challenger >= champion - {gate.max_win_rate_drop:g}"),
+        _Rule(MT_BENCH_SCORE, gate.min_mt_bench_delta, f"challenger >= {against} + {gate.min_mt_bench_delta:g}"),
+        _Rule(ALPACA_WIN_RATE, -gate.max_win_rate_drop, f"challenger >= {against} - {gate.max_win_rate_drop:g}"),
         _Rule(
             PREFERENCE_ACCURACY,
             -gate.max_preference_accuracy_drop,
-            f"challenger >= champion - {gate.max_preference_accuracy_drop:g}",
+            f"challenger >= {against} - {gate.max_preference_accuracy_drop:g}",
         ),
     ]
 
@@ -145,8 +162,15 @@ def decide(
     *,
     challenger_version: str = "",
     champion_version: str | None = None,
+    against: str = "champion",
 ) -> GateDecision:
-    """Apply the gate to two flat metric dicts (`champion=None`: there is no champion yet)."""
+    """Apply the gate to two flat metric dicts.
+
+    `champion`: the metrics to beat, the champion's or, for a first version, the start model's (`against`
+    names which in the rules and the reason; the `compared` entries keep the key "champion" for them).
+    `champion=None` means there is nothing to compare with: the version is promoted only when
+    `gate.first_version` is `promote`.
+    """
     compared: dict[str, dict] = {}
     failures: list[str] = []
     missing: list[str] = []
@@ -155,13 +179,16 @@ def decide(
         return GateDecision(promoted, reason, challenger_version, champion_version, compared)
 
     if champion is None:
+        if gate.first_version != "promote":
+            return verdict(False, no_start_evaluation_reason())
         missing = [name for metric in GATED_METRICS for name in protocol_metric_names(metric, challenger)
                    if _value(challenger, name) is None]
         if gate.require_metrics and missing:
             return verdict(False, f"no champion yet, but the challenger lacks required metrics: {', '.join(missing)}")
-        return verdict(True, "no champion yet: the first passing version becomes champion")
+        return verdict(True, "no champion yet: the first version becomes champion unchecked "
+                             "(registry.gate.first_version: promote)")
 
-    for rule in _rules(gate):
+    for rule in _rules(gate, against):
         for name in protocol_metric_names(rule.metric, challenger, champion):
             mine, theirs = _value(challenger, name), _value(champion, name)
             if mine is None or theirs is None:
@@ -176,14 +203,14 @@ def decide(
                 "passed": passed,
             }
             if not passed:
-                failures.append(f"{name} {mine:g} vs champion {theirs:g} (needs {rule.text})")
+                failures.append(f"{name} {mine:g} vs {against} {theirs:g} (needs {rule.text})")
 
     if gate.require_metrics and missing:
-        return verdict(False, f"missing metrics on the challenger or the champion: {', '.join(missing)}")
+        return verdict(False, f"missing metrics on the challenger or the {against}: {', '.join(missing)}")
     if failures:
         return verdict(False, "failed: " + "; ".join(failures))
     if not compared:
-        return verdict(False, "no gated metric is present on both the challenger and the champion")
+        return verdict(False, f"no gated metric is present on both the challenger and the {against}")
     passed_text = ", ".join(f"{name} {entry['delta']:+g}" for name, entry in compared.items())
     skipped = f" (skipped, missing: {', '.join(missing)})" if missing else ""
     return verdict(True, f"passed: {passed_text}{skipped}")
@@ -278,7 +305,9 @@ def promote(
     Moves `champion` to the challenger when it passes and records the decision on the challenger's version,
     promoted or not; a `dry_run` decides and writes its files under `out_dir` only. The head-to-head judge
     is `judge`, else built from `config.eval.judge` (`api_key` for an openai judge) only when some output
-    differs. `start_report_dir`: the start model's evaluation directory, for the summary chart.
+    differs. `start_report_dir`: the start model's evaluation directory; drawn in the summary chart, and,
+    with no champion yet and `registry.gate.first_version: beat_start_model`, the opponent itself (without
+    it such a version stays challenger).
     """
     from mlflow import MlflowClient
 
@@ -291,19 +320,32 @@ def promote(
     # Stores return version numbers as int or str; compare and report them as strings.
     champion = str(champion_version) if champion_version else _alias_version(client, name, ALIAS_CHAMPION)
     challenger_version = str(version.version)
+    against_start = champion is None and gate.first_version == "beat_start_model"
+    opponent = f"champion v{champion}" if champion is not None else None
+    start = None
+    if against_start:
+        opponent = f"{START_MODEL} {_start_model_reference(client, name, challenger_version, config)}"
+        start = _start_evaluation(start_report_dir)
     if champion == challenger_version:
         decision = GateDecision(True, "already the champion", challenger_version, champion, {}, mode=gate.mode)
-    elif gate.mode == "threshold" or champion is None:
+    elif against_start and start is None:
+        decision = GateDecision(False, no_start_evaluation_reason(opponent), challenger_version, None, {},
+                                KEPT if gate.mode == "head_to_head" else "", gate.mode, opponent=opponent)
+    elif gate.mode == "threshold" or (champion is None and start is None):  # first_version: promote
         challenger_metrics = version_metrics(client, name, challenger_version)
-        champion_metrics = version_metrics(client, name, champion) if champion is not None else None
-        decision = decide(challenger_metrics, champion_metrics, gate, challenger_version=challenger_version,
-                          champion_version=champion)
+        if start is not None:  # the start model's headline metrics, as its evaluation's report.json has them
+            theirs = dict((start.report or {}).get("metrics") or {})
+        else:
+            theirs = version_metrics(client, name, champion) if champion is not None else None
+        decision = decide(challenger_metrics, theirs, gate, challenger_version=challenger_version,
+                          champion_version=champion, against=START_MODEL if start is not None else "champion")
         if gate.mode != "threshold":
             decision = replace(decision, outcome=PROMOTED if decision.promoted else KEPT, mode=gate.mode)
+        decision = replace(decision, opponent=opponent, reason=_against(decision.reason, champion, opponent))
     else:
         out = Path(out_dir) if out_dir else _default_out_dir(config, name, challenger_version, champion)
-        decision = _head_to_head(client, config, name, challenger_version, champion, out,
-                                 judge=judge, api_key=api_key, start_report_dir=start_report_dir)
+        decision = _head_to_head(client, config, name, challenger_version, champion, out, opponent=opponent,
+                                 start=start, judge=judge, api_key=api_key, start_report_dir=start_report_dir)
     if dry_run:
         log.info("dry run, nothing changed: %s version %s would be %s: %s", name, challenger_version,
                  decision.label, decision.reason)
@@ -327,8 +369,38 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
-def _default_out_dir(config: PipelineConfig, name: str, challenger: str, champion: str) -> Path:
-    return Path(config.workdir) / "gate" / f"{name}-v{challenger}-vs-v{champion}"
+def _default_out_dir(config: PipelineConfig, name: str, challenger: str, champion: str | None) -> Path:
+    against = f"v{champion}" if champion is not None else "start"
+    return Path(config.workdir) / "gate" / f"{name}-v{challenger}-vs-{against}"
+
+
+def no_start_evaluation_reason(start_model: str = "the start model") -> str:
+    """Why a first version gated against the start model stays challenger without its evaluation."""
+    return (f"no champion yet, and no evaluation of the {start_model.removeprefix('the ')} to compare the first "
+            "version with, so it is not promoted: set orchestration.evaluate_base_model: true (the pipeline), or "
+            "pass the start model's evaluation directory (`orpo gate --start-report DIR`, "
+            "`gate_and_promote(start_report_dir=...)`), or set registry.gate.first_version: promote to promote "
+            "the first version without a comparison")
+
+
+def _start_evaluation(start_report_dir: str | Path | None) -> EvaluationFiles | None:
+    """The start model's evaluation files; None when no directory was given or it holds no evaluation."""
+    from orpo.head_to_head import evaluation_files
+
+    if start_report_dir is None or not Path(start_report_dir).is_dir():
+        if start_report_dir is not None:
+            log.warning("the start model's evaluation directory %s does not exist", start_report_dir)
+        return None
+    if not evaluation_files(start_report_dir):
+        log.warning("%s holds no evaluation files (report.json, model_outputs.json, ...)", start_report_dir)
+        return None
+    return read_evaluation(start_report_dir)
+
+
+def _start_model_reference(client, name: str, version: str, config: PipelineConfig) -> str:
+    """The model `version` was trained from, as its lineage tags name it (else the configured model)."""
+    tags = client.get_model_version(name, version).tags or {}
+    return next((tags[key] for key in _START_MODEL_TAGS if tags.get(key)), config.model.name_or_path)
 
 
 def download_evaluation(client, name: str, version: str, dst: Path) -> EvaluationFiles:
@@ -351,8 +423,16 @@ def download_evaluation(client, name: str, version: str, dst: Path) -> Evaluatio
     return read_evaluation(local)
 
 
-def _head_to_head(client, config: PipelineConfig, name: str, challenger: str, champion: str, out: Path, *,
-                  judge, api_key: str | None, start_report_dir: str | Path | None) -> GateDecision:
+def _against(reason: str, champion: str | None, opponent: str | None) -> str:
+    """A first version's reason says what it was compared with (a champion's reasons need not)."""
+    return f"no champion yet; against the {opponent}: {reason}" if champion is None and opponent else reason
+
+
+def _head_to_head(client, config: PipelineConfig, name: str, challenger: str, champion: str | None, out: Path, *,
+                  opponent: str, start: EvaluationFiles | None, judge, api_key: str | None,
+                  start_report_dir: str | Path | None) -> GateDecision:
+    """The paired comparison with the champion's evaluation, or with `start` (the start model's) when
+    `champion` is None; writes decision.json, the annotations and summary.png into `out`."""
     import tempfile
 
     from evals.alpaca import protocol_kwargs
@@ -372,22 +452,26 @@ def _head_to_head(client, config: PipelineConfig, name: str, challenger: str, ch
 
     stats = dict(confidence=gate.confidence, n_resamples=gate.bootstrap_resamples, seed=gate.seed)
     with tempfile.TemporaryDirectory(prefix="orpo-gate-") as tmp:
-        theirs = download_evaluation(client, name, champion, Path(tmp) / "champion")
+        theirs = start if champion is None else download_evaluation(client, name, champion, Path(tmp) / "champion")
         mine = download_evaluation(client, name, challenger, Path(tmp) / "challenger")
         result = compare_evaluations(theirs, mine, get_judge, metrics=gate.gated_metrics,
-                                     protocol=protocol_kwargs(config.eval), **stats)
+                                     protocol=protocol_kwargs(config.eval), **stats,
+                                     opponent="the champion" if champion is not None else f"the {START_MODEL}")
         decision = decide_head_to_head(result, gate, challenger_version=challenger, champion_version=champion)
-        start = model_estimates(mine, start_model=True, **stats)
+        start_estimates = model_estimates(mine, start_model=True, **stats)
         if start_report_dir is not None:
-            start.update(model_estimates(read_evaluation(start_report_dir), **stats))
-        models = {"start model": start, f"champion v{champion}": model_estimates(theirs, **stats),
-                  f"challenger v{challenger}": model_estimates(mine, **stats)}
+            start_estimates.update(model_estimates(read_evaluation(start_report_dir), **stats))
+        models = {START_MODEL: start_estimates}
+        if champion is not None:
+            models[f"champion v{champion}"] = model_estimates(theirs, **stats)
+        models[f"challenger v{challenger}"] = model_estimates(mine, **stats)
     out.mkdir(parents=True, exist_ok=True)
     chart = summary_chart(models, decision.compared, out / "summary.png",
-                          title=f"{name}: challenger v{challenger} vs champion v{champion} ({decision.label})")
+                          title=f"{name}: challenger v{challenger} vs {opponent} ({decision.label})")
     (out / "head_to_head_annotations.json").write_text(
         json.dumps(result.annotations, indent=2, ensure_ascii=False), encoding="utf-8")
-    decision = replace(decision, chart=str(chart))
+    decision = replace(decision, chart=str(chart), opponent=opponent,
+                       reason=_against(decision.reason, champion, opponent))
     (out / "decision.json").write_text(json.dumps(decision_record(decision), indent=2), encoding="utf-8")
     return decision
 
@@ -396,7 +480,8 @@ def decision_record(decision: GateDecision) -> dict:
     """The decision as plain JSON (decision.json, the `gate.compared` tag)."""
     return {"decision": decision.label, "promoted": decision.promoted, "reason": decision.reason,
             "mode": decision.mode, "challenger_version": decision.challenger_version,
-            "champion_version": decision.champion_version, "compared": decision.compared}
+            "champion_version": decision.champion_version, "opponent": decision.opponent,
+            "compared": decision.compared}
 
 
 def _compared_tag(compared: dict[str, dict]) -> str:
@@ -409,9 +494,10 @@ def _compared_tag(compared: dict[str, dict]) -> str:
 
 def decision_markdown(decision: GateDecision, *, header: bool = True) -> str:
     """The decision as a markdown table: each difference, its interval, n, the test and the seed."""
-    lines = [f"**Gate ({decision.mode}): {decision.label}**. {decision.reason}", ""] if header else []
+    opponent = f" against the {decision.opponent}" if decision.opponent else ""
+    lines = [f"**Gate ({decision.mode}{opponent}): {decision.label}**. {decision.reason}", ""] if header else []
     if decision.mode == "head_to_head" and decision.compared:
-        lines += ["| metric | challenger vs champion | interval | n | test | seed | verdict |",
+        lines += [f"| metric | challenger vs {decision.against} | interval | n | test | seed | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for metric, e in decision.compared.items():
             if "missing" in e:
@@ -424,7 +510,7 @@ def decision_markdown(decision: GateDecision, *, header: bool = True) -> str:
                          f"{e['test']}{p} | {e['seed'] if e['seed'] is not None else '-'} | "
                          f"{e['verdict']}{margin} |")
     elif decision.compared:
-        lines += ["| metric | challenger | champion | delta | rule | passed |", "|---|---|---|---|---|---|"]
+        lines += [f"| metric | challenger | {decision.against} | delta | rule | passed |", "|---|---|---|---|---|---|"]
         for metric, e in decision.compared.items():
             lines.append(f"| {metric} | {e['challenger']:.4g} | {e['champion']:.4g} | {e['delta']:+.4g} | "
                          f"{e['rule']} | {e['passed']} |")
@@ -438,6 +524,7 @@ def _record(client, version: RegisteredVersion, decision: GateDecision) -> None:
         TAG_DECISION: decision.label,
         TAG_REASON: decision.reason[:_MAX_TAG],
         TAG_AGAINST: decision.champion_version or "none",
+        TAG_OPPONENT: decision.opponent or "none",
         TAG_MODE: decision.mode,
         TAG_COMPARED: _compared_tag(decision.compared),
     }

@@ -2,7 +2,9 @@
 
 Nothing of the champion is regenerated: its evaluation directory (logged under `evaluation/` of its
 version's run) already holds its AlpacaEval outputs, its MT-Bench judgments and its per-pair preference
-margins. Three paired differences, each with a confidence interval (`orpo.stats`):
+margins. With no champion yet, the start model's evaluation directory (the one the pipeline scores it into)
+takes the champion's side, read the same way. Three paired differences, each with a confidence interval
+(`orpo.stats`):
 
 - `head_to_head/win_rate`: AlpacaEval-style pairwise annotations of challenger vs champion outputs on the
   instructions both answered (`evals.alpaca.judge_pairwise`, the champion's outputs as the reference,
@@ -261,10 +263,10 @@ def _conversations(answers: Sequence[dict[str, Any]] | None) -> dict[int, list[s
 
 
 def mt_bench_difference(champion: EvaluationFiles, challenger: EvaluationFiles, *, confidence: float,
-                        n_resamples: int, seed: int) -> Difference | str:
+                        n_resamples: int, seed: int, opponent: str = "the champion") -> Difference | str:
     """Per-(question, turn) score differences, bootstrapped by question; a reason string when impossible."""
     if not champion.mt_bench_judgments or not challenger.mt_bench_judgments:
-        return "no MT-Bench judgments on " + ("the champion" if not champion.mt_bench_judgments else "the challenger")
+        return "no MT-Bench judgments on " + (opponent if not champion.mt_bench_judgments else "the challenger")
     judges = {_judge_name(j) for j in champion.mt_bench_judgments} | {
         _judge_name(j) for j in challenger.mt_bench_judgments}
     if len(judges) > 1:
@@ -310,16 +312,16 @@ def _pairing_keys(rows: Sequence[dict[str, Any]]) -> list[object]:
 
 
 def preference_difference(champion: EvaluationFiles, challenger: EvaluationFiles, *,
-                          confidence: float) -> Difference | str:
+                          confidence: float, opponent: str = "the champion") -> Difference | str:
     """Paired held-out preference accuracy on the pairs both scored (by pair id, else by index)."""
     if not champion.preference_margins or not challenger.preference_margins:
-        side = "the champion" if not champion.preference_margins else "the challenger"
+        side = opponent if not champion.preference_margins else "the challenger"
         return f"no per-pair preference margins ({PREFERENCE_MARGINS_FILE}) on {side}"
     theirs = dict(zip(_pairing_keys(champion.preference_margins), champion.preference_margins))
     mine = dict(zip(_pairing_keys(challenger.preference_margins), challenger.preference_margins))
     shared = [k for k in mine if k in theirs]
     if not shared:
-        return "the champion and the challenger were scored on different preference pairs"
+        return f"{opponent} and the challenger were scored on different preference pairs"
     interval = paired_accuracy_difference(
         [float(mine[k]["margin"]) > 0 for k in shared], [float(theirs[k]["margin"]) > 0 for k in shared],
         confidence=confidence,
@@ -340,21 +342,24 @@ def compare_evaluations(
     n_resamples: int = 2000,
     seed: int = 0,
     protocol: dict[str, Any] | None = None,
+    opponent: str = "the champion",
 ) -> HeadToHead:
     """Every requested paired difference between two evaluation directories' files.
 
-    `protocol`: how the head-to-head pairs are judged (`judge_head_to_head`)."""
+    `protocol`: how the head-to-head pairs are judged (`judge_head_to_head`). `champion` is whatever the
+    challenger must beat; `opponent` names it in the reasons a difference is missing ("the start model" when
+    the first version is gated against the model it was trained from)."""
     result = HeadToHead()
     for metric in metrics:
         found: Difference | str | None
         if metric == HEAD_TO_HEAD_WIN_RATE:
             if not champion.alpaca_outputs or not challenger.alpaca_outputs:
-                side = "the champion" if not champion.alpaca_outputs else "the challenger"
+                side = opponent if not champion.alpaca_outputs else "the challenger"
                 found = f"no saved AlpacaEval outputs (model_outputs.json) on {side}"
             else:
                 pairs = pair_outputs(champion.alpaca_outputs, challenger.alpaca_outputs)
                 if not pairs:
-                    found = "the champion and the challenger answered no AlpacaEval instruction in common"
+                    found = f"{opponent} and the challenger answered no AlpacaEval instruction in common"
                 else:
                     result.annotations = judge_head_to_head(get_judge, pairs, seed=seed, protocol=protocol)
                     found = win_rate_difference(result.annotations, confidence=confidence,
@@ -363,9 +368,9 @@ def compare_evaluations(
                         found = "every head-to-head judgment was unparseable"
         elif metric == MT_BENCH_SCORE:
             found = mt_bench_difference(champion, challenger, confidence=confidence, n_resamples=n_resamples,
-                                        seed=seed)
+                                        seed=seed, opponent=opponent)
         elif metric == PREFERENCE_ACCURACY:
-            found = preference_difference(champion, challenger, confidence=confidence)
+            found = preference_difference(champion, challenger, confidence=confidence, opponent=opponent)
         else:
             raise ValueError(f"unknown head-to-head metric {metric!r}; known: {', '.join(HEAD_TO_HEAD_METRICS)}")
         if isinstance(found, Difference):

@@ -192,7 +192,8 @@ def gate(
         False, "--promote", help="Move the champion alias when the challenger passes and record the decision."
     ),
     start_report: Optional[Path] = typer.Option(
-        None, "--start-report", help="The start model's evaluation directory, drawn in the chart."
+        None, "--start-report", help="The start model's evaluation directory (<workdir>/reports/base-*): drawn in "
+        "the chart, and, with no champion yet, what the challenger must beat (registry.gate.first_version)."
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Folder for decision.json, the annotations and the chart "
@@ -202,7 +203,8 @@ def gate(
     """Run the promotion gate on two registered versions by hand (a dry run unless --promote).
 
     Compares the challenger with the champion as registry.gate says (head_to_head: on the same prompts,
-    each difference with its confidence interval) and prints the decision with every difference.
+    each difference with its confidence interval) and prints the decision with every difference. With no
+    champion yet, the challenger is compared with the start model's evaluation (--start-report).
     """
     from orpo.gate import decision_markdown, promote as run_gate, resolve_version
 

@@ -29,6 +29,7 @@ def _decision_markdown(decision: GateDecision, version: RegisteredVersion, url: 
         "",
         f"- model version: `{version.model_uri}`" + (f" ([in MLflow]({url}))" if url else ""),
         f"- champion before: {decision.champion_version or 'none'}",
+        f"- compared with: {decision.opponent or 'nothing (registry.gate.first_version: promote)'}",
     ]
     if decision.chart:
         lines.append(f"- chart of the intervals: `{decision.chart}` (also in the run's `gate/` artifacts)")
@@ -40,7 +41,9 @@ def gate_and_promote(config: PipelineConfig, version: RegisteredVersion,
                      start_report_dir: Path | None = None) -> GateDecision:
     """Move `champion` to the challenger if the gate passes; record the decision on the version.
 
-    `start_report_dir`: the start model's evaluation directory, drawn in the decision's chart when given.
+    `start_report_dir`: the start model's evaluation directory, drawn in the decision's chart when given; with
+    no champion yet it is what the version must beat (`registry.gate.first_version`), and without it such a
+    version stays challenger.
     """
     decision = promote(config, version, api_key=judge_api_key(config), start_report_dir=start_report_dir)
     create_markdown_artifact(

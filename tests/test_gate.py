@@ -76,13 +76,26 @@ def test_preference_accuracy_may_not_drop_by_default():
     assert decide({**CHAMPION, "preference/accuracy": 0.69}, CHAMPION, loose).promoted
 
 
-def test_no_champion_promotes_the_first_passing_version():
-    decision = decide({"mt_bench/score": 1.0}, None, GateConfig(), challenger_version="1")
+def test_no_champion_and_nothing_to_compare_with_promotes_only_when_configured():
+    # The default (first_version: beat_start_model) needs the start model's metrics as the opponent.
+    refused = decide({"mt_bench/score": 9.0}, None, GateConfig(), challenger_version="1")
+    assert not refused.promoted and refused.champion_version is None
+    for advice in ("orchestration.evaluate_base_model", "--start-report", "first_version: promote"):
+        assert advice in refused.reason
+    unchecked = GateConfig(first_version="promote")
+    decision = decide({"mt_bench/score": 1.0}, None, unchecked, challenger_version="1")
     assert decision.promoted and decision.champion_version is None and "no champion" in decision.reason
-    required = GateConfig(require_metrics=True)
+    required = GateConfig(first_version="promote", require_metrics=True)
     refused = decide({"mt_bench/score": 1.0}, None, required)
     assert not refused.promoted and "alpaca_eval2/win_rate" in refused.reason
     assert decide(dict(CHAMPION), None, required).promoted
+
+
+def test_the_start_model_as_opponent_is_named_in_the_rules_and_the_reason():
+    start = {"mt_bench/score": 6.0}
+    decision = decide({"mt_bench/score": 5.5}, start, GateConfig(), against="start model")
+    assert not decision.promoted
+    assert "vs start model 6" in decision.reason and "start model + 0" in decision.compared["mt_bench/score"]["rule"]
 
 
 def test_missing_metrics_are_skipped_unless_required():
@@ -116,7 +129,8 @@ def test_promote_moves_the_champion_alias_and_records_the_decision(tmp_path):
 
     from orpo.registry import RegisteredVersion, champion_uri, configure_mlflow
 
-    config = _config(tmp_path, mode="threshold", min_mt_bench_delta=0.1)
+    # About the alias and the records: the first version is promoted without a comparison.
+    config = _config(tmp_path, mode="threshold", min_mt_bench_delta=0.1, first_version="promote")
     configure_mlflow(config)
     name = config.registry.registered_model_name
     client = MlflowClient()
@@ -160,6 +174,7 @@ def test_promote_moves_the_champion_alias_and_records_the_decision(tmp_path):
 N_PROMPTS = 24
 PLAIN = [short(i) for i in range(N_PROMPTS)]
 BETTER = [long(i) for i in range(N_PROMPTS)]
+TERSE = [f"Hi {i}." for i in range(N_PROMPTS)]
 SCORES = {(q, t): 5.0 + q % 3 for q in range(6) for t in (1, 2)}
 PAIRS = margins([0.4] * 15 + [-0.3] * 5)
 
@@ -177,7 +192,10 @@ def h2h(tmp_path_factory):
     state = {"root": root, "config": config, "client": MlflowClient(), "name": config.registry.registered_model_name,
              "texts": {}}
     first = evaluated_version(state, "v1", PLAIN)
-    assert promote(config, first, judge=NoJudge()).promoted  # no champion yet
+    # No champion yet: version 1 beats its start model, whose answers are shorter still.
+    start = write_evaluation(root / "start-model", alpaca=outputs("start", TERSE), mt=judgments("start", SCORES),
+                             pref=PAIRS)
+    assert promote(config, first, judge=LongerAnswerJudge(PLAIN + TERSE), start_report_dir=start).promoted
     state["v1"] = first
     state["v2"] = evaluated_version(state, "v2", PLAIN)
     return state
@@ -282,3 +300,105 @@ def test_gate_command_dry_run_and_promote(h2h):
     assert champion_of(h2h) == before
     result = CliRunner().invoke(app, ["gate", "--config", str(config_path), "--challenger", "models:/nope"])
     assert result.exit_code == 2 and "models:/NAME/VERSION" in result.output
+
+
+# --- the first version against the start model ----------------------------------------------------------
+
+
+def _first_versions(h2h, model_name, **gate):
+    """A config on the h2h store for a registered model with no champion yet."""
+    config = h2h["config"]
+    registry = config.registry.model_copy(update={
+        "registered_model_name": model_name, "gate": config.registry.gate.model_copy(update=gate)})
+    return config.model_copy(update={"registry": registry}), {**h2h, "name": model_name}
+
+
+def _has_champion(state) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        state["client"].get_model_version_by_alias(state["name"], "champion")
+    except MlflowException:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_a_first_version_becomes_champion_only_by_beating_its_start_model(h2h):
+    """Equal to the start model, worse than it, or with no start evaluation: stays challenger, with the start
+    model named as the opponent. Clearly better (every answer preferred): champion."""
+    config, state = _first_versions(h2h, "first-h2h")
+    client, root = state["client"], state["root"]
+    start_plain = write_evaluation(root / "start-plain", alpaca=outputs("start", PLAIN), mt=judgments("s", SCORES),
+                                   pref=PAIRS)
+    start_better = write_evaluation(root / "start-better", alpaca=outputs("start", BETTER),
+                                    mt=judgments("s", SCORES), pref=PAIRS)
+    judge = LongerAnswerJudge(PLAIN + BETTER)
+
+    equal = evaluated_version(state, "equal", PLAIN)
+    decision = promote(config, equal, judge=NoJudge(), start_report_dir=start_plain)
+    assert not decision.promoted and decision.outcome == "no significant difference", decision.reason
+    assert decision.champion_version is None and decision.opponent == f"start model {config.model.name_or_path}"
+    assert "against the start model" in decision.reason
+    assert decision.compared["head_to_head/win_rate"]["estimate"] == 50.0
+    assert not _has_champion(state)
+    tags = client.get_model_version(state["name"], equal.version).tags
+    assert tags["gate.decision"] == "no significant difference" and tags["gate.champion_version"] == "none"
+    assert tags["gate.opponent"].startswith("start model ")
+    assert "| metric | challenger vs start model |" in client.get_model_version(state["name"], equal.version).description
+    recorded = json.loads((root / "work" / "gate" / f"first-h2h-v{equal.version}-vs-start" / "decision.json")
+                          .read_text())
+    assert recorded["champion_version"] is None and recorded["opponent"].startswith("start model")
+    assert "gate/decision.json" in {a.path for a in client.list_artifacts(equal.run_id, "gate")}
+
+    worse = evaluated_version(state, "worse", PLAIN)
+    decision = promote(config, worse, judge=judge, start_report_dir=start_better)
+    assert not decision.promoted and decision.outcome == "kept" and "significantly worse" in decision.reason
+    assert decision.compared["head_to_head/win_rate"]["high"] < 50.0
+    assert not _has_champion(state)
+
+    unevaluated = promote(config, worse, judge=NoJudge())
+    assert not unevaluated.promoted and unevaluated.outcome == "kept" and unevaluated.compared == {}
+    assert "orchestration.evaluate_base_model" in unevaluated.reason and "first_version: promote" in unevaluated.reason
+    assert client.get_model_version(state["name"], worse.version).tags["gate.opponent"].startswith("start model")
+    assert not _has_champion(state)
+
+    better = evaluated_version(state, "better", BETTER)
+    decision = promote(config, better, judge=judge, start_report_dir=start_plain)
+    assert decision.promoted and decision.outcome == "promoted", decision.reason
+    assert decision.compared["head_to_head/win_rate"]["low"] > 50.0 and decision.champion_version is None
+    assert champion_of(state) == better.version
+
+
+@pytest.mark.slow
+def test_first_version_promote_keeps_the_unchecked_promotion(h2h):
+    config, state = _first_versions(h2h, "first-unchecked", first_version="promote")
+    version = evaluated_version(state, "plain", PLAIN)
+    decision = promote(config, version, judge=NoJudge())
+    assert decision.promoted and decision.opponent is None and "first_version: promote" in decision.reason
+    assert champion_of(state) == version.version
+    assert state["client"].get_model_version(state["name"], version.version).tags["gate.opponent"] == "none"
+
+
+@pytest.mark.slow
+def test_threshold_first_version_against_the_start_models_metrics(h2h):
+    from orpo.registry import RegisteredVersion
+
+    config, state = _first_versions(h2h, "first-threshold", mode="threshold")
+    client, name = state["client"], state["name"]
+    start = write_evaluation(h2h["root"] / "start-threshold")
+    (start / "report.json").write_text(json.dumps({"metrics": {"mt_bench/score": 6.0, "preference/accuracy": 0.7}}))
+
+    def version(metrics):
+        number = fake_version(name, metrics)
+        return RegisteredVersion(name, number, client.get_model_version(name, number).run_id,
+                                 f"models:/{name}/{number}", True)
+
+    worse = version({"mt_bench/score": 5.5, "preference/accuracy": 0.7})
+    decision = promote(config, worse, start_report_dir=start)
+    assert not decision.promoted and decision.compared["mt_bench/score"]["delta"] == pytest.approx(-0.5)
+    assert "vs start model 6" in decision.reason and not _has_champion(state)
+    better = version({"mt_bench/score": 6.5, "preference/accuracy": 0.75})
+    decision = promote(config, better, start_report_dir=start)
+    assert decision.promoted, decision.reason
+    assert champion_of(state) == better.version
