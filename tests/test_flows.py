@@ -22,10 +22,14 @@ def _artifacts(key: str) -> list:
 
 
 def _nightly_config(tmp_path, source, *extra):
-    """The tiny pipeline, in-process, evaluated with the preference suite only (seconds, not minutes)."""
+    """The tiny pipeline, in-process, evaluated with the preference suite only (seconds, not minutes).
+
+    These tests are about nights, skips and resumes, not about the gate: the first version becomes champion
+    unchecked (a 3-step tiny model is no significant improvement on its start model). The gate of a first
+    version against its start model is tested below and in test_gate.py."""
     return load_config(None, tiny_pipeline_overrides(
         tmp_path, "orchestration.launch_with_accelerate=false", f"data.source={source}", "eval.suites=[preference]",
-        f"model.cache_dir={tmp_path / 'models'}", *extra))
+        f"model.cache_dir={tmp_path / 'models'}", "registry.gate.first_version=promote", *extra))
 
 
 @pytest.mark.slow
@@ -139,6 +143,34 @@ def test_start_from_champion_pins_the_version_downloads_once_and_leaves_no_tempo
     assert night4.data_counts["records_in"] == 40  # the new shard alone
     excluded = read_manifest(night4.dataset_dir).model_extra["excluded_shards"]
     assert [s["name"] for s in excluded] == ["2026-11-01.jsonl", "2026-11-02.jsonl"]
+
+
+@pytest.mark.slow
+def test_the_first_version_is_gated_against_the_start_models_evaluation(prefect_harness, tmp_path, monkeypatch):
+    """By default a first version is compared with the model it was trained from, on the start model's own
+    evaluation (orchestration.evaluate_base_model), and the decision names the start model as the opponent."""
+    import mlflow
+
+    from flows.pipeline import alignment_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = _nightly_config(tmp_path / "work", Path(__file__).parents[1] / "data" / "samples"
+                             / "ultrafeedback_sample.jsonl", "registry.gate.first_version=beat_start_model",
+                             "registry.gate.primary_metric=preference/accuracy")
+    night1 = alignment_pipeline(config=config)
+    assert "against the start model builtin:tiny-llama" in night1.decision
+    client = mlflow.MlflowClient(tracking_uri=night1.tracking_uri, registry_uri=night1.tracking_uri)
+    version = client.get_model_version("tiny-orpo", night1.model_version)
+    assert version.tags["gate.opponent"] == "start model builtin:tiny-llama"
+    assert version.tags["gate.champion_version"] == "none"
+    compared = json.loads(version.tags["gate.compared"])
+    # Paired on the held-out pairs both evaluations scored: the start model's evaluation was really read.
+    assert compared["preference/accuracy"]["n"] == len(
+        json.loads((Path(night1.report_dir) / "preference_margins.json").read_text()))
+    aliases = {alias for v in client.search_model_versions("name = 'tiny-orpo'") for alias in v.aliases}
+    assert ("champion" in aliases) == night1.promoted
+    decision = _artifacts("promotion-decision")
+    assert decision and "compared with: start model builtin:tiny-llama" in decision[0].data
 
 
 def test_flow_parameters_are_the_config_model():

@@ -43,9 +43,10 @@ def populated(tmp_path_factory, tiny_model_dir):
     with MlflowServer(root / "server") as server:
         config = PipelineConfig.model_validate(
             {"workdir": str(root / "work"),
-             # The point-estimate gate: these versions carry metrics, not evaluation files to pair.
+             # The point-estimate gate: these versions carry metrics, not evaluation files to pair; the first
+             # version becomes champion without a comparison (no start-model evaluation here).
              "registry": {"tracking_uri": server.url, "registered_model_name": "ui-model",
-                          "gate": {"mode": "threshold"}}}
+                          "gate": {"mode": "threshold", "first_version": "promote"}}}
         )
         configure_mlflow(config)
         first = register_training_run(config, make_train_dir(root, lora=False, base_dir=tiny_model_dir, seed=0))

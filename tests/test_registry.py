@@ -166,8 +166,10 @@ def test_round_trip_by_alias_generates_text(store):
 
     from orpo.gate import promote
 
-    config = store["config"]
-    decision = promote(config, store["full"])  # no champion yet: the first version becomes champion
+    # About loading by alias, not the gate: the first version becomes champion without a comparison.
+    config = store["config"].model_copy(deep=True)
+    config.registry.gate.first_version = "promote"
+    decision = promote(config, store["full"])
     assert decision.promoted
     for alias in ("champion", "challenger"):  # full model, then the LoRA adapter on its local base
         generator = mlflow.transformers.load_model(f"models:/orpo-model@{alias}")

@@ -25,8 +25,10 @@ def test_register_evaluate_promote_and_load_by_alias_through_a_server(server, tm
 
     config = PipelineConfig.model_validate(
         {"workdir": str(tmp_path / "work"),
-         # The point-estimate rules: these versions carry metrics, not the evaluation files head_to_head pairs.
-         "registry": {"tracking_uri": server.url, "registered_model_name": "srv", "gate": {"mode": "threshold"}}}
+         # The point-estimate rules: these versions carry metrics, not the evaluation files head_to_head pairs;
+         # the first version becomes champion without a comparison (there is no start-model evaluation here).
+         "registry": {"tracking_uri": server.url, "registered_model_name": "srv",
+                      "gate": {"mode": "threshold", "first_version": "promote"}}}
     )
     assert configure_mlflow(config) == server.url
     assert champion_uri(config) is None
@@ -38,7 +40,7 @@ def test_register_evaluate_promote_and_load_by_alias_through_a_server(server, tm
 
     log_evaluation(config, full, {"mt_bench/score": 5.0, "alpaca/win_rate": 10.0, "preference/accuracy": 0.6})
     log_evaluation(config, lora, {"mt_bench/score": 4.5, "alpaca/win_rate": 9.0, "preference/accuracy": 0.6})
-    assert promote(config, full).promoted  # no champion yet
+    assert promote(config, full).promoted  # no champion yet, first_version: promote
     decision = promote(config, lora)
     assert not decision.promoted and decision.compared["mt_bench/score"]["delta"] == pytest.approx(-0.5)
     assert champion_uri(config) == "models:/srv@champion"
