@@ -216,7 +216,8 @@ def plot_gate_intervals(frame: pandas.DataFrame, out_png: str | Path, title: str
                                    "high": frame.loc[version, f"{H2H_PREFIX}{metric} high"]}
         if entries:
             against = frame.loc[version, "gate.champion_version"] if "gate.champion_version" in frame else ""
-            decisions[f"v{version} vs v{against}"] = entries
+            # A first version is gated against its start model: no champion version ("none").
+            decisions[f"v{version} vs " + (f"v{against}" if against not in ("", "none") else "start model")] = entries
     if not decisions:
         Path(out_png).unlink(missing_ok=True)  # never leave an older comparison's chart to be logged with this one
         return None

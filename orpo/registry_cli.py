@@ -223,5 +223,13 @@ def gate(
     console.print(decision_markdown(decision), markup=False)
     if decision.chart:
         console.print(f"chart: [bold]{decision.chart}[/bold]")
+    if decision.champion_version is None and decision.opponent and start_report is None:
+        # The pipeline scores start models into <workdir>/reports/base-<model>; which one (and on which data)
+        # this version was trained from is for the user to say, so they are listed, not picked.
+        found = sorted(p.parent for p in (Path(cfg.workdir) / "reports").glob("base-*/report.json"))
+        if found:
+            console.print("start-model evaluations in this workdir (pass one with --start-report):", markup=False)
+            for path in found:
+                console.print(f"  {path}", markup=False)
     if not promote:
         console.print("[yellow]dry run: nothing changed in the registry (add --promote to act on it)[/yellow]")

@@ -7,6 +7,7 @@ MLflow, is in test_head_to_head.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from gate_helpers import LongerAnswerJudge, NoJudge, judgments, long, margins, outputs, short, write_evaluation
@@ -402,3 +403,30 @@ def test_threshold_first_version_against_the_start_models_metrics(h2h):
     decision = promote(config, better, start_report_dir=start)
     assert decision.promoted, decision.reason
     assert champion_of(state) == better.version
+
+
+@pytest.mark.slow
+def test_gate_command_on_a_first_version_needs_the_start_report(h2h, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    import evals.judges
+    from orpo import registry_cli
+    from orpo.config import dump_config
+
+    app = typer.Typer()
+    app.command("gate")(registry_cli.gate)
+    app.command("noop")(lambda: None)
+    config, state = _first_versions(h2h, "first-cli")
+    config_path = dump_config(config, h2h["root"] / "first-cli.yaml")
+    start = write_evaluation(Path(config.workdir) / "reports" / "base-start", alpaca=outputs("start", PLAIN))
+    better = evaluated_version(state, "cli-better", BETTER)
+    monkeypatch.setattr(evals.judges, "build_judge", lambda *a, **k: LongerAnswerJudge(PLAIN + BETTER))
+    args = ["gate", "--config", str(config_path), "--challenger", f"models:/first-cli/{better.version}"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "kept" in result.output and "--start-report" in result.output and str(start) in result.output
+    result = CliRunner().invoke(app, [*args, "--start-report", str(start)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "promoted" in result.output and "against the start model" in result.output
+    assert not _has_champion(state)  # a dry run
