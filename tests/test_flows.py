@@ -271,7 +271,7 @@ def test_a_night_whose_training_died_is_resumed_by_the_next_night(prefect_harnes
     steps = []
 
     def save_then_die(self):
-        path = real_save(self)
+        real_save(self)
         raise RuntimeError("node preempted")
 
     def counting_step(self):
