@@ -7,7 +7,7 @@ its heap (its mmap threshold adapts up to 32 MB) and fragments it: that step, wh
 those buffers their own mappings instead, which keeps the peak down but pays for fresh zeroed pages on
 every allocation (+16-36% per step). tcmalloc reuses freed buffers of the same size class without
 returning them, and gives free memory back only when asked (at step boundaries, `release_free_memory`):
-the same step peaks at 1.03x its live memory and runs a few percent faster than under glibc
+the same step peaks at 1.04x its live memory in the time it takes under glibc's defaults
 (measurements: README, Benchmarks).
 
 So the launcher (`orpo train`, which restarts itself once; the flow's `accelerate launch` subprocess)
