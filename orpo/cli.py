@@ -201,7 +201,10 @@ def train_command(
     output_dir: Optional[Path] = typer.Option(None, help="Training output dir; an existing one is resumed."),
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
 ) -> None:
-    """Train with ORPO in this process (use `accelerate launch -m orpo.train` for several GPUs)."""
+    """Train with ORPO in this process (use `accelerate launch -m orpo.train` for several GPUs).
+
+    Restarts itself once under the training allocator (ORPO_ALLOCATOR, default auto: tcmalloc if installed).
+    """
     cfg = _load(config, overrides)
     from orpo.models import check_model_available
 
