@@ -43,6 +43,7 @@ from orpo.head_to_head import (
     PREFERENCE_ACCURACY,
     EvaluationFiles,
     HeadToHead,
+    evaluation_files,
     read_evaluation,
 )
 
@@ -385,8 +386,6 @@ def no_start_evaluation_reason(start_model: str = "the start model") -> str:
 
 def _start_evaluation(start_report_dir: str | Path | None) -> EvaluationFiles | None:
     """The start model's evaluation files; None when no directory was given or it holds no evaluation."""
-    from orpo.head_to_head import evaluation_files
-
     if start_report_dir is None or not Path(start_report_dir).is_dir():
         if start_report_dir is not None:
             log.warning("the start model's evaluation directory %s does not exist", start_report_dir)

@@ -27,7 +27,7 @@ import logging
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from orpo.errors import UsageError
@@ -124,32 +124,30 @@ def reexec_for_training(argv: Sequence[str]) -> None:
 
 
 @functools.cache
-def _release_function():
-    """The loaded allocator's "return free memory to the system" call, or None."""
+def _loaded_allocator() -> tuple[str, Callable[[], object] | None]:
+    """The allocator this process runs on (tcmalloc, glibc or other) and its "return free memory" call."""
     if not sys.platform.startswith("linux"):
-        return None
+        return "other", None
     process = ctypes.CDLL(None)  # the whole process's symbols: a preloaded allocator's come first
     tcmalloc = getattr(process, "MallocExtension_ReleaseFreeMemory", None)
     if tcmalloc is not None:
         tcmalloc.argtypes, tcmalloc.restype = [], None
-        return tcmalloc
+        return "tcmalloc", tcmalloc
     trim = getattr(process, "malloc_trim", None) if is_glibc() else None
     if trim is not None:
         trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-        return functools.partial(trim, 0)
-    return None
+        return "glibc", functools.partial(trim, 0)
+    return "other", None
 
 
 def release_free_memory() -> None:
     """Return the allocator's free pages to the system: tcmalloc's ReleaseFreeMemory, glibc's malloc_trim;
     a no-op elsewhere."""
-    release = _release_function()
+    release = _loaded_allocator()[1]
     if release is not None:
         release()
 
 
 def allocator_in_use() -> str:
     """What this process runs on, for logs and benchmark records: tcmalloc, glibc or other."""
-    if _release_function() is None:
-        return "other"
-    return "tcmalloc" if hasattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory") else "glibc"
+    return _loaded_allocator()[0]

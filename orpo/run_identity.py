@@ -31,7 +31,7 @@ TAG_PREFIX = "run_inputs."
 # Fields that never change the trained weights. Everything else in `model` and `train` counts; the data
 # section counts through the data fingerprint (which hashes the pairs its options produced). The accelerate
 # config's path does not count, its number of processes does (`training_processes`).
-_IGNORED_TRAIN_FIELDS = {"output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+NON_MODEL_TRAIN_FIELDS = {"output_dir", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
                          "accelerate_config",
                          # How the same numbers are computed: chunked log-probs, padding, the setup self-check
                          # (its fallback keeps the batches' pairs; orpo.train), equal up to float rounding.
@@ -58,7 +58,7 @@ def semantic_config_hash(config: PipelineConfig) -> str:
     """A hash of the configuration fields that change the model (not where or how the run is organised)."""
     payload = {
         "model": config.model.model_dump(mode="json", exclude=_IGNORED_MODEL_FIELDS),
-        "train": config.train.model_dump(mode="json", exclude=_IGNORED_TRAIN_FIELDS),
+        "train": config.train.model_dump(mode="json", exclude=NON_MODEL_TRAIN_FIELDS),
     }
     processes = training_processes(config)
     if processes != 1:  # absent for one process, so single-process hashes stay what they were

@@ -65,6 +65,7 @@ from orpo.handoffs import (  # noqa: F401
 )
 from orpo.memory import allocator_in_use, release_free_memory
 from orpo.pair_data import check_dataset, features, load_pair_data
+from orpo.run_identity import NON_MODEL_TRAIN_FIELDS
 from orpo.train_metrics import (
     SUM_KEYS,
     MetricsSink,
@@ -534,10 +535,9 @@ class ORPORecipe:
         self.accelerator.free_memory()
 
 
-# Training settings a resumed run may change: more or fewer steps, logging, evaluation and checkpoint cadence.
-_RESUMABLE_CHANGES = {"max_steps", "num_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                      "output_dir", "accelerate_config", "setup_self_check", "logprob_chunk_size",
-                      "pad_to_multiple_of"}
+# Training settings a resumed run may change: those that never change the weights (the run identity's list), and
+# how many steps to train.
+_RESUMABLE_CHANGES = NON_MODEL_TRAIN_FIELDS | {"max_steps", "num_epochs"}
 
 
 def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
