@@ -564,4 +564,4 @@ def resolve_version(config: PipelineConfig, uri: str) -> RegisteredVersion:
         found = client.get_model_version(name, number) if number else client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         raise ValueError(f"{uri} not found in {config.resolved_tracking_uri()}: {exc.message}") from None
-    return RegisteredVersion(name, str(found.version), found.run_id, f"models:/{name}/{found.version}", False)
+    return RegisteredVersion.existing(found)

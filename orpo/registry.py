@@ -111,6 +111,12 @@ class RegisteredVersion:
     model_uri: str  # models:/NAME/VERSION
     created: bool  # False when an existing version was returned (idempotent re-registration)
 
+    @classmethod
+    def existing(cls, model_version: Any) -> RegisteredVersion:
+        """An MLflow ModelVersion that was already registered (not created by this call)."""
+        name, number = model_version.name, str(model_version.version)
+        return cls(name, number, model_version.run_id, f"models:/{name}/{number}", False)
+
 
 @dataclass(frozen=True)
 class TrainExport:
@@ -497,9 +503,7 @@ def register_training_run(
     existing = find_registered(client, name, export.key)
     if existing is not None:
         log.info("%s is already registered as %s version %s", export.train_dir, name, existing.version)
-        return RegisteredVersion(
-            name, str(existing.version), existing.run_id, f"models:/{name}/{existing.version}", False
-        )
+        return RegisteredVersion.existing(existing)
 
     train_config = _training_config(export, config)
     manifest = _read_manifest(manifest_path)

@@ -30,11 +30,7 @@ def find_unchanged(config: PipelineConfig, inputs: RunInputs) -> TrainedVersion 
     found = registry.find_version_with_inputs(config, inputs)
     if found is None:
         return None
-    name, number = config.registry.registered_model_name, str(found.version)
-    return TrainedVersion(
-        version=RegisteredVersion(name, number, found.run_id, f"models:/{name}/{number}", False),
-        gated=TAG_DECISION in (found.tags or {}),
-    )
+    return TrainedVersion(version=RegisteredVersion.existing(found), gated=TAG_DECISION in (found.tags or {}))
 
 
 @task(name="register-model", retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=retry_on_transient)
