@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/train_step.py --device cuda           # also MFU and CUDA peak memory
     .venv/bin/python benchmarks/train_step.py --models smollm2-lora --seq-lens 1024 --steps 4
     .venv/bin/python benchmarks/train_step.py --trainers ours ours-stacked trl    # also our stacked layout
+    .venv/bin/python benchmarks/train_step.py --trainers ours ours-masked         # split attention vs 4D mask
     .venv/bin/python benchmarks/train_step.py --models smollm2-full --optimizer adamw_8bit   # both 8-bit AdamW
     .venv/bin/python benchmarks/train_step.py --models smollm2-lora smollm2-full --seq-lens 1024 --profile
     .venv/bin/python benchmarks/train_step.py --trainers ours --ours-allocators tcmalloc system  # allocators
@@ -15,8 +16,9 @@ dropout: TRL disables dropout). Both optimise the same objective: NLL over promp
 `train.nll_on_prompt=true` for us) plus lambda 0.1 times the odds-ratio term. What differs is how the step
 is computed: TRL pads chosen and rejected of a random batch to one length (4 rows) and materialises the
 (2B, T, V) logits; we batch pairs of similar length (`group_by_length`), put each pair in one row with its
-prompt computed once (`batch_layout: shared_prompt`; `ours-stacked` is our 4-row layout), and project only
-the label positions through the output embedding, chunk by chunk.
+prompt computed once (`batch_layout: shared_prompt`; `ours-stacked` is our 4-row layout), attention as two
+causal SDPA calls per row (`orpo.shared_attention`; `ours-masked` gives SDPA the layout's 4D mask instead), and
+project only the label positions through the output embedding, chunk by chunk.
 
 By default TRL trains on exactly our batches, step by step (`--trl-batches ours`: its sampler yields the
 pairs in the order our trainer consumes them, length grouping included), so both see the same pairs and
@@ -72,7 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "alpaca_eval"
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.json"
 MODELS = ("smollm2-lora", "smollm2-full", "tiny49k-full")
-TRAINERS = ("ours", "ours-stacked", "trl")
+TRAINERS = ("ours", "ours-masked", "ours-stacked", "trl")
 BATCH_PAIRS = 2
 LIVE_MMAP_THRESHOLD = 1048576  # the live-memory run: every allocation of 1 MB or more is its own mapping
 ORPO_LAMBDA = 0.1
@@ -234,7 +236,8 @@ def _cuda_available() -> bool:
 
 
 def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, steps: int, device: str,
-             peak_flops: float | None, optimizer: str, profile: bool, layout: str = "shared_prompt") -> dict:
+             peak_flops: float | None, optimizer: str, profile: bool, layout: str = "shared_prompt",
+             split_attention: bool = True) -> dict:
     import torch
     from datasets import Dataset, DatasetDict
 
@@ -258,6 +261,8 @@ def run_ours(model_path: Path, rows: list[dict], *, lora: bool, seq_len: int, st
     recipe = ORPORecipe(config, work / "data", work / "out")
     recipe.setup()
     model = recipe.accelerator.unwrap_model(recipe.model)
+    if not split_attention:  # SDPA reads the layout's 4D mask again, as before orpo.shared_attention
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation("sdpa")
     touch_parameters(model)
     baseline = memory_baseline(device)
     times, tokens, padded, cpu_times = [], [], [], []
@@ -397,7 +402,7 @@ def worker(args: argparse.Namespace) -> None:
         result = run_trl(path, rows, order=order, **options)
     else:
         layout = "stacked" if args.trainer == "ours-stacked" else "shared_prompt"
-        result = run_ours(path, rows, layout=layout, **options)
+        result = run_ours(path, rows, layout=layout, split_attention=args.trainer != "ours-masked", **options)
     result.update(trainer=args.trainer, model=args.model, seq_len=args.seq_len, pairs_available=len(rows),
                   trl_batches=args.trl_batches if args.trainer == "trl" else None)
     Path(args.worker_out).write_text(json.dumps(result))
@@ -545,7 +550,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seq 256 only, 3 steps (1 warm-up + 2 timed)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=["ours", "trl"],
-                        help="ours = shared-prompt layout (the default), ours-stacked = 2B rows like TRL's")
+                        help="ours = shared-prompt layout (the default), ours-masked = the same with SDPA under the "
+                        "layout's 4D mask, ours-stacked = 2B rows like TRL's")
     parser.add_argument("--trl-batches", choices=["ours", "random"], default="ours",
                         help="ours: TRL trains on exactly our batches, step by step (our length grouping included); "
                              "random: TRL's own random sampler (default TRL usage, more padding)")

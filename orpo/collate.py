@@ -228,9 +228,10 @@ class SharedPromptCollator(_PaddingCollator):
     `label_positions` (index into the flattened (B*T) positions of the hidden state that predicts it),
     `label_ids` (the token), `label_sequences` (i for chosen_i, B + i for rejected_i: the row of the
     stacked layout) and `label_is_prompt` (prompt tokens 2..P, counted once, under the chosen sequence; they
-    enter the NLL only with `nll_on_prompt`). `conversation_tokens` counts the pairs' tokens as two
-    conversations (2P + C + R, what the stacked layout holds), `input_tokens` the non-padding positions
-    computed (P + C + R).
+    enter the NLL only with `nll_on_prompt`). `row_bounds` (B, 3) holds each row's chosen start, rejected
+    start and end, from which `orpo.shared_attention` computes the mask's attention without the mask.
+    `conversation_tokens` counts the pairs' tokens as two conversations (2P + C + R, what the stacked layout
+    holds), `input_tokens` the non-padding positions computed (P + C + R).
 
     Example (pad_token_id=0, pad_to_multiple_of=4), one pair with prompt [1, 2], chosen [3, 4], rejected [5]:
 
@@ -239,6 +240,7 @@ class SharedPromptCollator(_PaddingCollator):
         attention_mask[0, 0, 4] = [1, 1, 0, 0, 1, 0, 0, 0]  (token 5 sees the prompt and itself)
         label_positions = [0, 1, 2, 1], label_ids = [2, 3, 4, 5]
         label_sequences = [0, 0, 0, 1], label_is_prompt = [1, 0, 0, 0]
+        row_bounds      = [[2, 4, 5]]
     """
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -290,6 +292,7 @@ class SharedPromptCollator(_PaddingCollator):
             "label_ids": torch.cat(ids),
             "label_sequences": torch.cat(sequences),
             "label_is_prompt": torch.cat(is_prompt),
+            "row_bounds": bounds,
             "num_pairs": num_pairs,
             "conversation_tokens": conversation_tokens,
             "input_tokens": int(bounds[:, 2].sum()),

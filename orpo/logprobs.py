@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from orpo.shared_attention import ATTENTION_NAME, ROWS_KWARG, row_bounds
+
 log = logging.getLogger(__name__)
 
 
@@ -313,14 +315,18 @@ def model_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of the model's forward for a batch of either layout.
 
     The shared-prompt layout's boolean 4D mask goes to SDPA as it is; eager attention adds its mask to the
-    scores, so it gets the additive form (0 where allowed, the dtype's minimum elsewhere).
+    scores, so it gets the additive form (0 where allowed, the dtype's minimum elsewhere). A model switched
+    to `orpo.shared_attention` also gets the rows' bounds, and computes the mask's attention without it.
     """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if "position_ids" not in batch:
         return inputs
     inputs["position_ids"] = batch["position_ids"]
     config = getattr(unwrap_model(model), "config", None)
-    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+    implementation = getattr(config, "_attn_implementation", "sdpa")
+    if implementation == ATTENTION_NAME and "row_bounds" in batch:
+        inputs[ROWS_KWARG] = row_bounds(batch["row_bounds"])
+    elif implementation == "eager":
         # The first floating-point parameter: quantized (QLoRA) weights are integer tensors.
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         allowed = batch["attention_mask"]
@@ -368,7 +374,7 @@ def shared_prompt_unsupported(model: nn.Module, max_length: int | None = None) -
             "layers would let rejected tokens see the chosen response"
         )
     implementation = getattr(config, "_attn_implementation", None) or "eager"
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in ("sdpa", "eager", ATTENTION_NAME):
         return f"attention implementation {implementation!r} takes no custom 4D attention mask"
     if "position_ids" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward takes no position_ids"

@@ -166,6 +166,7 @@ class ORPORecipe:
         from orpo.loss import ORPOLoss
         from orpo.model_setup import setup_lr_scheduler, setup_model, setup_optimizer
         from orpo.selfcheck import SelfCheckSettings, run_self_check
+        from orpo.shared_attention import use_shared_prompt_attention
 
         cfg = self.config.train
         # First the accelerator: it owns the process group, the device and mixed precision.
@@ -208,6 +209,8 @@ class ORPORecipe:
             if reason is not None:
                 log.warning("batch layout 'shared_prompt' is not possible (%s); using 'stacked'", reason)
                 self.batch_layout = "stacked"
+            elif use_shared_prompt_attention(model):
+                log.info("shared-prompt rows: attention runs as two causal SDPA calls per row, without the 4D mask")
 
         optimizer = setup_optimizer(model, cfg)
         # Every process tokenizes the whole dataset (in memory, nothing cached to share), so each knows
