@@ -24,7 +24,7 @@ from evals.run import EvalResult
 from orpo.config import PipelineConfig, load_config, validate_config
 from orpo.data.binarize import PreparedDataset
 from orpo.models import PinnedModel
-from orpo.run_identity import RunInputs, run_inputs
+from orpo.run_identity import PROJECT_ROOT, RunInputs, run_inputs, source_digest
 from tasks.evaluate import evaluate
 from tasks.prepare import SeenShards, prepare_data, shards_seen_by
 from tasks.promote import gate_and_promote
@@ -110,22 +110,27 @@ def _flow_run_name() -> str:
 
 
 def _base_eval_key(context, parameters) -> str:
-    """The base model's scores change only with the model's version, the eval settings or the test data.
+    """The base model's scores change only with the model's version, the eval settings, the test data or the
+    code that computes them.
 
     `model_path` is the pinned start model's cache directory (or hub id; its commit is in the config's
-    model.revision), stable across nights, so yesterday's base evaluation is reused.
+    model.revision), stable across nights, so yesterday's base evaluation is reused. The code is the
+    project's packages' files (`source_digest`): evaluation runs through `evals` and much of `orpo`
+    (loading, chat templates, log-probs), and a gate must not compare a challenger scored by today's code
+    with a start model scored by last month's. A commit that touches only docs or tests keeps the key.
     """
     config: PipelineConfig = parameters["config"]
     payload = json.dumps(
         {"model": parameters["model_path"], "revision": config.model.revision,
          "eval": config.eval.model_dump(mode="json"), "dataset": str(parameters["dataset_dir"]),
-         "report": str(Path(parameters["out_dir"]).resolve())},
+         "report": str(Path(parameters["out_dir"]).resolve()), "code": source_digest(PROJECT_ROOT)},
         sort_keys=True,
     )
     return "evaluate-base-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-# The base model's scores change only when the base model, the eval settings or the data do: nightly runs reuse them.
+# The base model's scores change only when the base model, the eval settings, the data or the code do: nightly
+# runs reuse them.
 evaluate_base = evaluate.with_options(name="evaluate-base-model", cache_key_fn=_base_eval_key)
 
 

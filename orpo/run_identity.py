@@ -68,6 +68,7 @@ def semantic_config_hash(config: PipelineConfig) -> str:
 
 # The project's code, wherever it is installed (a checkout, or site-packages without .git).
 _SOURCE_PACKAGES = ("orpo", "evals", "tasks", "flows")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the directory holding those packages
 
 
 def source_digest(root: Path) -> str:
@@ -83,7 +84,7 @@ def source_digest(root: Path) -> str:
 def code_revision() -> str:
     """The project's git commit; with uncommitted changes, `<commit>+dirty.<digest of the diff>`; where git cannot
     answer, `source.<digest of the packages' files>` (a constant would hide every code change)."""
-    root = Path(__file__).resolve().parents[1]
+    root = PROJECT_ROOT
 
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,

@@ -173,6 +173,23 @@ def test_the_first_version_is_gated_against_the_start_models_evaluation(prefect_
     assert "compared with: start model builtin:tiny-llama" in latest.data
 
 
+def test_the_start_models_cached_evaluation_is_keyed_by_the_evaluation_code(tmp_path, monkeypatch):
+    """Same model, settings, data and code: the same key (nightly reuse). New code: a new key, so a gate
+    never compares a challenger scored by today's code with a start model scored by older code."""
+    import flows.pipeline as pipeline
+
+    config = _nightly_config(tmp_path / "work", tmp_path / "drops")
+    parameters = {"config": config, "model_path": "builtin:tiny-llama", "dataset_dir": tmp_path / "data",
+                  "out_dir": tmp_path / "reports" / "base"}
+    today = pipeline._base_eval_key(None, parameters)
+    assert pipeline._base_eval_key(None, parameters) == today
+    monkeypatch.setattr(pipeline, "source_digest", lambda root: "0123456789abcdef")
+    assert pipeline._base_eval_key(None, parameters) != today
+    changed_settings = {**parameters, "config": config.model_copy(
+        update={"eval": config.eval.model_copy(update={"max_new_tokens": 7})})}
+    assert pipeline._base_eval_key(None, changed_settings) != pipeline._base_eval_key(None, parameters)
+
+
 def test_flow_parameters_are_the_config_model():
     """The UI renders the pipeline's parameters as a form built from the pydantic config's schema."""
     from prefect.utilities.callables import parameter_schema
@@ -189,7 +206,6 @@ def test_flow_parameters_are_the_config_model():
 
 def test_bad_parameters_fail_before_any_work(tmp_path):
     from flows.pipeline import effective_config
-
     from orpo.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.learning_rate"):
