@@ -76,6 +76,17 @@ def test_a_forward_without_row_bounds_is_sdpa_with_its_own_mask(tokenizer) -> No
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()])
 
 
+def test_generation_with_a_switched_model_is_unchanged(tokenizer) -> None:
+    """A model switched for training and then asked to generate (KV cache, left padding) decodes as SDPA does."""
+    model = _tiny("llama", tokenizer).eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1] * 5])
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert use_shared_prompt_attention(model)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings), expected)
+
+
 def test_saved_checkpoints_do_not_name_the_training_attention(tokenizer, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
