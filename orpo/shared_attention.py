@@ -92,15 +92,10 @@ def shared_prompt_attention(
 def register_shared_prompt_attention() -> None:
     """Make `ATTENTION_NAME` a valid `attn_implementation` (idempotent), with SDPA's mask construction."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        AttentionMaskInterface,
-        sdpa_mask,
-    )
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, shared_prompt_attention)
-    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def _configs(model: nn.Module) -> list:
