@@ -23,16 +23,20 @@ from orpo.collate import tokenize_pair
 
 def build_sentencepiece_style_tokenizer():
     """A Unigram tokenizer with Metaspace pre-tokenization and a `<s> $A` post-processor (the layout of
-    Llama-2 / Mistral tokenizers), trained offline on the toy vocabulary; no chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    Llama-2 / Mistral tokenizers) over the toy vocabulary: whole words, and their characters for the rest;
+    no chat template. The vocabulary is written out rather than trained: the Unigram trainer's result
+    varies from process to process, and with it what the training test below learns."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [" ".join(GOOD), " ".join(BAD), "Please write", "<|user|>", "<|assistant|>", "<|system|>"] * 8
-    backend = Tokenizer(models.Unigram())
+    words = sorted({*GOOD, *BAD, "Please", "write", "<|user|>", "<|assistant|>", "<|system|>"})
+    characters = sorted(set("".join(words)))
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("\u2581", -4.0)]
+    vocab += [("\u2581" + word, -2.0) for word in words]
+    vocab += [(piece, -6.0) for c in characters for piece in (c, "\u2581" + c)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>")
-    backend.train_from_iterator(corpus, trainer=trainer)
     bos = backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", bos)])
