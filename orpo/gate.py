@@ -458,7 +458,9 @@ def _head_to_head(client, config: PipelineConfig, name: str, challenger: str, ch
                                      opponent="the champion" if champion is not None else f"the {START_MODEL}")
         decision = decide_head_to_head(result, gate, challenger_version=challenger, champion_version=champion)
         start_estimates = model_estimates(mine, start_model=True, **stats)
-        if start_report_dir is not None:
+        if start is not None:  # already read as the opponent: the same directory, not read again
+            start_estimates.update(model_estimates(start, **stats))
+        elif start_report_dir is not None:
             start_estimates.update(model_estimates(read_evaluation(start_report_dir), **stats))
         models = {START_MODEL: start_estimates}
         if champion is not None:
